@@ -729,7 +729,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
 
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int | None = None,
-                 epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 epochs: int = 100, batch_size: int = 256, lr: float = 1e-2, weight_decay: float = 1e-4,
                  seed: int = 0) -> float:
     """Top-1 of a linear classifier trained on frozen features.
 
@@ -949,8 +949,12 @@ class Run:
         workers = self.args.workers if isinstance(dataset, FolderImages) else 0
         if train and len(sampler) < self.args.batch_size:
             fail(f"--batch-size {self.args.batch_size} is larger than the {len(sampler)} training images per process")
+        # The loader's own generator: a DataLoader draws a seed from the generator it has at
+        # every epoch, and drawing from the global one would shift the augmentations of a
+        # resumed run away from those of the uninterrupted run.
+        gen = torch.Generator().manual_seed(self.args.seed + self.rank)
         return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
-                          drop_last=train, pin_memory=self.cuda, persistent_workers=workers > 0)
+                          drop_last=train, pin_memory=self.cuda, persistent_workers=workers > 0, generator=gen)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move to the device (channels_last on CUDA) and wrap in DDP under torchrun."""
