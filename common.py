@@ -517,6 +517,8 @@ def _load_folder(args) -> ImageData:
         fail(f"no test images found in {root}")
     sets = [FolderImages(s, args.image_size) for s in (train, test)]
     if (len(train) + len(test)) * 3 * args.image_size ** 2 <= _CACHE_BYTES:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"decoding {len(train) + len(test)} images from {root} into memory ...", flush=True)
         sets = [s.to_memory(min(args.workers, os.cpu_count() or 1)) for s in sets]
     return ImageData(sets[0], sets[0], sets[1], tuple(classes))
 
@@ -633,6 +635,82 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
+def random_resized_crop(x: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
+    """Per-image random crop of `scale` of the area and aspect `ratio`, resized back to the
+    input size (bilinear), and a random horizontal flip: torchvision's RandomResizedCrop
+    and RandomHorizontalFlip, batched. A crop that would leave the image is shrunk to fit."""
+    n, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale)
+    aspect = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of w, h
+    cx = (torch.rand(n, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
+    cy = (torch.rand(n, device=dev) * (1 - ch) + ch / 2) * 2 - 1
+    sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    zero = torch.zeros(n, device=dev)
+    theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma, (N, 1, H, W), as torchvision's rgb_to_grayscale."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _rgb_to_hsv(x: torch.Tensor):
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    v, argmax = x.max(1)
+    delta = v - x.min(1).values
+    s = torch.where(v > 0, delta / v.clamp(min=1e-8), torch.zeros_like(v))
+    d = delta.clamp(min=1e-8)
+    h = torch.where(argmax == 0, ((g - b) / d) % 6, torch.where(argmax == 1, (b - r) / d + 2, (r - g) / d + 4))
+    return torch.where(delta > 0, h / 6, torch.zeros_like(h)), s, v
+
+
+def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p: float = 0.8):
+    """torchvision's ColorJitter with probability p, batched: each image draws its own factors.
+
+    Applied in a fixed order (brightness, contrast, saturation, hue); torchvision
+    shuffles the order per image, which changes little."""
+    n, dev = len(x), x.device
+
+    def factor(strength):
+        return torch.empty(n, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - strength), 1 + strength)
+
+    out = (x * factor(brightness)).clamp(0, 1)
+    mean = _grey(out).mean((1, 2, 3), keepdim=True)
+    out = ((out - mean) * factor(contrast) + mean).clamp(0, 1)
+    grey = _grey(out)
+    out = ((out - grey) * factor(saturation) + grey).clamp(0, 1)
+    h, s, v = _rgb_to_hsv(out)
+    shift = torch.empty(n, 1, 1, device=dev).uniform_(-hue, hue)
+    out = _hsv_to_rgb((h + shift) % 1.0, s, v).permute(0, 3, 1, 2)
+    apply = torch.rand(n, 1, 1, 1, device=dev) < p
+    return torch.where(apply, out, x)
+
+
+def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
+    apply = torch.rand(len(x), 1, 1, 1, device=x.device) < p
+    return torch.where(apply, _grey(x).expand_as(x), x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma=(0.1, 2.0), p: float = 0.5, kernel_frac: float = 0.1) -> torch.Tensor:
+    """Gaussian blur with probability p, per-image sigma, kernel 10% of the image side
+    (SimCLR appendix A), as one grouped separable convolution for the whole batch."""
+    n, c, h, w = x.shape
+    k = max(3, int(kernel_frac * h) // 2 * 2 + 1)
+    s = torch.empty(n, 1, device=x.device).uniform_(*sigma)
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kern = torch.exp(-(r.view(1, -1) ** 2) / (2 * s ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*c, k)
+    y = F.pad(x.reshape(1, n * c, h, w), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)
+    y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c).view(n, c, h, w)
+    apply = torch.rand(n, 1, 1, 1, device=x.device) < p
+    return torch.where(apply, y, x)
+
+
 # ---------------------------------------------------------------------------
 # Backbones: images -> feature vector, with the width of that vector
 # ---------------------------------------------------------------------------
@@ -694,14 +772,15 @@ def build_backbone(name: str, image_size: int) -> tuple[nn.Module, int]:
 # Evaluation protocol: frozen features, weighted kNN and a linear probe
 # ---------------------------------------------------------------------------
 @torch.no_grad()
-def extract_features(encoder: nn.Module, dataset: Dataset, device, batch_size: int = 512):
+def extract_features(encoder: nn.Module, dataset: Dataset, device, batch_size: int = 512, workers: int = 0):
     """Features of every image (no augmentation) and the labels, on `device`.
 
     `encoder` maps float RGB images in [0, 1] to features."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    workers = workers if isinstance(dataset, FolderImages) else 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
         feats.append(encoder(to_float(x, device)).float())
         labels.append(y.to(device))
     encoder.train(was_training)
@@ -761,7 +840,7 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
         return (clf(xte).argmax(1) == test_labels).float().mean().item()
 
 
-def evaluate(encoder: nn.Module, random_encoder: nn.Module, data: ImageData, device) -> dict:
+def evaluate(encoder: nn.Module, random_encoder: nn.Module, data: ImageData, device, workers: int = 0) -> dict:
     """The common protocol: kNN and linear probe for the trained and a random-init encoder.
 
     Both encoders map float RGB in [0, 1] to features; the random one has the same
@@ -769,8 +848,8 @@ def evaluate(encoder: nn.Module, random_encoder: nn.Module, data: ImageData, dev
     results = {}
     for prefix, enc in (("", encoder), ("random_", random_encoder)):
         enc = enc.to(device)
-        ftr, ytr = extract_features(enc, data.train, device)
-        fte, yte = extract_features(enc, data.test, device)
+        ftr, ytr = extract_features(enc, data.train, device, workers=workers)
+        fte, yte = extract_features(enc, data.test, device, workers=workers)
         results[prefix + "knn_top1"] = knn_accuracy(ftr, ytr, fte, yte, num_classes=data.num_classes)
         results[prefix + "linear_top1"] = linear_probe(ftr, ytr, fte, yte, num_classes=data.num_classes)
     return results
@@ -1004,6 +1083,43 @@ class Run:
             self._log_file = None
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient over processes and returns this
+    process's slice. When every process computes the same loss on the gathered
+    tensor, that makes DDP's gradient average equal the one-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (same shape on every process) from all processes, in rank order;
+    gradients flow back to each process's own part. Identity on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all processes in rank order, without gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

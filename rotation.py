@@ -185,7 +185,8 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data, run.device))
+        results.update(common.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data, run.device,
+                                       args.workers))
     run.finish(results)
     return results
 

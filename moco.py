@@ -1,0 +1,315 @@
+"""MoCo: lecture 13, contrastive learning (section 9).
+
+He, Fan, Wu, Xie, Girshick, "Momentum Contrast for Unsupervised Visual
+Representation Learning", CVPR 2020; MoCo v2: Chen, Fan, Girshick, He, 2020.
+Contrastive learning as a dictionary look-up: a query q must match its key k+
+among many keys. The keys come from a **queue** of recent batches (many
+negatives, not limited by the batch) and a **momentum key encoder** f_k, a
+slowly moving copy of the query encoder f_q, so that keys in the queue stay
+consistent. The training loop below follows the paper's Algorithm 1 line by line.
+
+    python moco.py                                    # built-in shapes, ~3 min on 2 CPU cores
+    python moco.py --mlp --blur --temperature 0.2     # MoCo v2 (cosine schedule is the default)
+    python moco.py --schedule step --temperature 0.07 --momentum 0.999   # closer to MoCo v1
+    python moco.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
+    # the MoCo CIFAR-10 demo's setting (about 82.6% kNN after 200 epochs, ResNet-18):
+    python moco.py --dataset cifar10 --data-dir data --backbone resnet18 --epochs 200 --batch-size 512 --lr 0.06 \\
+        --min-crop 0.08 --workers 8
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 10  # demo: 200 epochs on CIFAR-10; 10 fit the 3-minute CPU budget on the built-in data
+    batch_size: int = 256  # images per process and step; demo: 512, paper: 256
+    lr: float = 0.06  # demo: 0.06 for batch 512; paper: 0.03 for batch 256
+    weight_decay: float = 5e-4  # demo: 5e-4; paper (ImageNet): 1e-4
+    queue_size: int = 4096  # K, negatives in the queue; paper: 65536 for ImageNet, 4096 suits CIFAR-sized data (demo)
+    momentum: float = 0.99  # m of the key encoder; paper: 0.999; demo: 0.99, as fewer steps need a faster key encoder
+    temperature: float = 0.1  # t; paper v1: 0.07, v2: 0.2, demo: 0.1
+    dim: int = 128  # C, the size of q and k (paper: 128)
+    bn_splits: int = 8  # batch norm statistics over this many sub-batches (demo: 8); 1 for plain batch norm
+    mlp: bool = False  # MoCo v2: a 2-layer MLP head instead of a linear one
+    blur: bool = False  # MoCo v2: Gaussian blur augmentation (p = 0.5)
+    schedule: str = "cosine"  # cosine (v2, demo) | step (v1: lr x 0.1 at 60% and 80% of training)
+    min_crop: float = 0.5  # smallest crop, fraction of the area; demo: 0.08, paper: 0.2. At 32 px small crops miss the object
+
+
+# ---------------------------------------------------------------------------
+# Pretext data: two random augmentations of every image
+# ---------------------------------------------------------------------------
+def augment(x: torch.Tensor, args: Args) -> torch.Tensor:
+    """The MoCo CIFAR demo's (= v2's) augmentation, batched on the device; v1 had no blur."""
+    x = common.random_resized_crop(x, scale=(args.min_crop, 1.0))
+    x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
+    x = common.random_grayscale(x, p=0.2)
+    if args.blur:
+        x = common.gaussian_blur(x, p=0.5)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Model: query and key encoders, the queue, split batch norm
+# ---------------------------------------------------------------------------
+class SplitBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training statistics come from `num_splits` sub-batches
+    (sub-batch j holds images j, j + s, j + 2s, ...), the single-device stand-in for
+    the paper's per-GPU batch norm (sec. 3.3, "Shuffling BN"); as in the MoCo CIFAR
+    demo. At evaluation it is plain batch norm, and its state_dict is a BatchNorm2d's."""
+
+    def __init__(self, num_features, num_splits):
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        # (N, C, H, W) -> (N / s, s * C, H, W): channel block j holds sub-batch j.
+        out = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum, self.eps).view(n, c, h, w)
+        self.running_mean.copy_(mean.view(s, c).mean(0))
+        self.running_var.copy_(var.view(s, c).mean(0))
+        return out
+
+
+def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in `module` by a SplitBatchNorm (same parameters)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and num_splits > 1:
+            split = SplitBatchNorm(child.num_features, num_splits)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            use_split_bn(child, num_splits)
+    return module
+
+
+class Encoder(nn.Module):
+    """x in [0, 1] -> backbone features -> head -> (N, C). The backbone is what is kept."""
+
+    def __init__(self, backbone: nn.Module, width: int, dim: int, mlp: bool):
+        super().__init__()
+        self.normalize = common.Normalize()
+        self.backbone = backbone
+        # v1: a linear head (the fc layer); v2: fc - ReLU - fc (MoCo v2, sec. 2)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim)) if mlp \
+            else nn.Linear(width, dim)
+
+    def forward(self, x):
+        return self.head(self.backbone(self.normalize(x)))
+
+
+class MoCo(nn.Module):
+    """f_q, f_k, the queue of keys (C x K, one L2-normalised key per column) and its pointer."""
+
+    def __init__(self, f_q: nn.Module, dim: int, K: int, m: float, t: float):
+        super().__init__()
+        self.f_q = f_q
+        self.f_k = copy.deepcopy(f_q)  # f_k.params = f_q.params
+        for p in self.f_k.parameters():
+            p.requires_grad = False  # no gradient: f_k only moves by the momentum update
+        self.K, self.m, self.t = K, m, t
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # C x K, random keys to start
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self):
+        """theta_k <- m * theta_k + (1 - m) * theta_q over parameters; buffers (batch norm
+        statistics) are copied from f_q."""
+        f_q = common.unwrap(self.f_q)
+        for p_q, p_k in zip(f_q.parameters(), self.f_k.parameters()):
+            p_k.mul_(self.m).add_(p_q.detach(), alpha=1 - self.m)
+        for b_q, b_k in zip(f_q.buffers(), self.f_k.buffers()):
+            b_k.copy_(b_q)
+
+    @torch.no_grad()
+    def enqueue_dequeue(self, k: torch.Tensor):
+        """The newest keys (N x C) replace the oldest N columns, wrapping around."""
+        n, ptr = k.shape[0], int(self.queue_ptr)
+        assert self.K % n == 0, "K must be a multiple of the global batch"
+        self.queue[:, ptr:ptr + n] = k.T
+        self.queue_ptr.fill_((ptr + n) % self.K)
+
+
+def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor):
+    """The lecture's l_pos and l_neg. q, k: N x C (normalised), queue: C x K."""
+    N, C = q.shape
+    l_pos = torch.bmm(q.view(N, 1, C), k.view(N, C, 1)).view(N, 1)  # positive logits: N x 1
+    l_neg = torch.mm(q.view(N, C), queue.clone().detach())  # negative logits: N x K
+    return l_pos, l_neg
+
+
+# ---------------------------------------------------------------------------
+# Shuffling BN: keys are computed on a shuffled batch (paper sec. 3.3)
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def shuffle_keys(x: torch.Tensor):
+    """Shuffle the key batch so a key's batch-norm statistics come from other images than
+    its query's. Under torchrun across all processes, as in the paper; on one device
+    within the batch, so each split-BN sub-batch mixes other images (the demo's way).
+    Returns the shuffled local batch and the index that undoes the shuffle."""
+    x_all = common.gather(x)  # global batch, rank order
+    perm = torch.randperm(len(x_all), device=x.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(perm, src=0)  # every process uses rank 0's permutation
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    unshuffle = torch.argsort(perm)
+    return x_all[perm.view(world, -1)[rank]], unshuffle
+
+
+@torch.no_grad()
+def unshuffle_keys(k: torch.Tensor, unshuffle: torch.Tensor):
+    k_all = common.gather(k)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return k_all[unshuffle.view(world, -1)[rank]]
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    if args.schedule not in ("cosine", "step"):
+        common.fail(f"--schedule must be cosine or step, not {args.schedule}")
+    common.check_image_size(args, 16, "the backbone's 16x downsampling")
+    run = common.Run(args, "moco")
+    global_batch = args.batch_size * run.world
+    if args.queue_size % global_batch:
+        common.fail(f"--queue-size {args.queue_size} must be a multiple of the global batch {global_batch} "
+                    f"(batch size x processes), so each batch of keys replaces a whole block of the queue")
+    if args.batch_size % args.bn_splits:
+        common.fail(f"--batch-size {args.batch_size} must be a multiple of --bn-splits {args.bn_splits}")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    encoder = Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp)
+    moco = MoCo(encoder, args.dim, args.queue_size, args.momentum, args.temperature).to(run.device)
+    if run.channels_last:
+        moco = moco.to(memory_format=torch.channels_last)
+    moco.f_q = run.prepare(moco.f_q)  # DDP wraps the query encoder only: f_k gets no gradient
+    f_q, f_k = moco.f_q, moco.f_k
+    optimizer = torch.optim.SGD(f_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    chance = math.log(1 + args.queue_size)
+    run.print(f"queue K = {args.queue_size}, momentum m = {args.momentum}, temperature t = {args.temperature}; "
+              f"chance level of the loss: log(1 + K) = {chance:.3f}")
+
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * args.epochs  # the schedule's length; --max-steps stops early without changing it
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    step = 0
+    state = run.load_checkpoint()
+    if state:
+        common.unwrap(f_q).load_state_dict(state["f_q"])
+        f_k.load_state_dict(state["f_k"])
+        moco.queue.copy_(state["queue"])
+        moco.queue_ptr.copy_(state["queue_ptr"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+
+    def checkpoint():
+        return {"f_q": common.unwrap(f_q).state_dict(), "f_k": f_k.state_dict(), "queue": moco.queue,
+                "queue_ptr": moco.queue_ptr, "optimizer": optimizer.state_dict(),
+                "epoch": step // steps_per_epoch, "step": step}
+
+    run.start_steps(step)
+    f_q.train()
+    f_k.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
+            if args.schedule == "cosine":
+                lr = common.cosine_lr(step, total_steps, args.lr)
+            else:
+                lr = args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = run.to_device(images)  # a minibatch of N images
+            x_q, x_k = augment(x, args), augment(x, args)  # two random augmentations
+            N = len(x)
+            with run.autocast():
+                q = F.normalize(f_q(run.format(x_q)).float(), dim=1)  # queries: N x C
+                with torch.no_grad():  # keys: N x C, no gradient
+                    x_k, unshuffle = shuffle_keys(x_k)
+                    k = F.normalize(f_k(run.format(x_k)).float(), dim=1)
+                    k = unshuffle_keys(k, unshuffle)
+            l_pos, l_neg = contrastive_logits(q, k, moco.queue)  # N x 1 (bmm), N x K (mm)
+            logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
+            labels = torch.zeros(N, dtype=torch.long, device=x.device)  # the positive is index 0
+            loss = F.cross_entropy(logits / moco.t, labels)
+            run.check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()  # SGD update: query network
+            moco.momentum_update()  # f_k.params = m * f_k.params + (1 - m) * f_q.params
+            moco.enqueue_dequeue(common.gather(k))  # newest keys (from all processes) in, oldest out
+            step += 1
+            acc = (logits.argmax(1) == 0).float().mean()  # instance discrimination: k+ ranked first of 1 + K
+            run.log(step, last_step, epoch, N, force=step == last_step,
+                    loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
+            if run.should_stop():
+                run.interrupted(checkpoint())
+            if step >= last_step:
+                break
+        run.save_checkpoint(checkpoint())
+
+    backbone = common.unwrap(f_q).backbone
+    run.save_encoder(backbone)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_top1": key_accuracy(common.unwrap(f_q), f_k, data.test, args, run.device),
+               "steps": step, "loss_chance": chance}
+    run.print(f"query finds its key among 512 test keys: {results['pretext_top1']:.4f} (chance {1 / 512:.4f})")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
+        results.update(common.evaluate(encoder_of(backbone), encoder_of(random_backbone), data, run.device,
+                                       args.workers))
+    run.finish(results)
+    return results
+
+
+@torch.no_grad()
+def key_accuracy(f_q, f_k, dataset, args, device, batch_size=512) -> float:
+    """Held-out instance discrimination: how often q ranks its own key first among the
+    keys of a test batch of 512 images. Unlike the training accuracy it does not
+    depend on the queue, whose random start makes early steps look easy."""
+    f_q.eval(), f_k.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(dataset) > batch_size):
+        x = common.to_float(images, device)
+        q = F.normalize(f_q(augment(x, args)), dim=1)
+        k = F.normalize(f_k(augment(x, args)), dim=1)
+        correct += ((q @ k.T).argmax(1) == torch.arange(len(x), device=device)).sum().item()
+        total += len(x)
+    f_q.train(), f_k.train()
+    return correct / total
+
+
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features (the query encoder's)."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
+def main(argv=None):
+    return train(common.parse_args(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""SimCLR: lecture 13, contrastive learning (section 8).
+
+Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning
+of Visual Representations", ICML 2020. The lecture's four steps:
+  1. augment each of N images twice: 2N views;
+  2. an encoder f (a ResNet) gives h = f(x);
+  3. a small MLP projection head g gives z = g(h), where the loss is applied;
+  4. NT-Xent: each view must pick out its partner among the other 2N - 1 views
+     by cosine similarity / temperature. Downstream uses h, not z.
+
+    python simclr.py                                  # built-in shapes, ~3 min on 2 CPU cores
+    python simclr.py --augment crop                   # ablation: crop alone (also color, crop,color, all)
+    python simclr.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
+    # CIFAR-10 on 4 GPUs, paper settings (negatives are gathered from all 4 processes):
+    torchrun --nproc_per_node=4 simclr.py --dataset cifar10 --backbone resnet18 --batch-size 128 \\
+        --epochs 200 --lr 0.5 --temperature 0.5 --min-crop 0.08 --workers 8
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 10  # paper: 100 to 800 epochs (1000 for CIFAR-10); 10 fit the 3-minute CPU budget
+    batch_size: int = 256  # paper: 256 to 8192 (4096 main); more negatives help, see --lr
+    lr: float = 0.3  # SGD peak lr for batch 256; paper (LARS): 0.3 x batch / 256
+    weight_decay: float = 5e-4  # paper: 1e-6 with LARS; 5e-4 suits SGD on CIFAR-sized data
+    optimizer: str = "sgd"  # sgd (momentum 0.9) | lars (paper, for large batches)
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay (paper: 10 warm-up epochs)
+    temperature: float = 0.2  # tau; paper B.9: 0.5 for CIFAR-10 over 1000 epochs; 0.2 learned faster in short runs (README)
+    proj_dim: int = 128  # size of z (paper: 128)
+    proj_bn: bool = True  # batch norm in the head's hidden layer, as the paper's released code has (README: it helps)
+    augment: str = "all"  # comma list of crop, color, blur, or all (crop,color, + blur at >= 96 px); paper Fig. 5
+    color_strength: float = 0.5  # colour distortion strength s; paper: 0.5 for CIFAR-10, 1.0 for ImageNet
+    min_crop: float = 0.5  # smallest crop, fraction of the area; paper: 0.08. At 32 px small crops miss the object (README)
+
+
+# ---------------------------------------------------------------------------
+# Pretext data: two random views of every image
+# ---------------------------------------------------------------------------
+AUGMENTATIONS = ("crop", "color", "blur")
+
+
+def parse_augment(spec: str, image_size: int) -> set[str]:
+    if spec == "all":  # paper: blur helps on ImageNet-sized images, not on 32 px CIFAR (appendix B.9)
+        return {"crop", "color"} | ({"blur"} if image_size >= 96 else set())
+    chosen = {a.strip() for a in spec.split(",") if a.strip() and a.strip() != "none"}
+    unknown = chosen - set(AUGMENTATIONS)
+    if unknown:
+        common.fail(f"--augment: unknown {sorted(unknown)} (choose from {', '.join(AUGMENTATIONS)}, all, none)")
+    return chosen
+
+
+def augment(x: torch.Tensor, chosen: set[str], args: Args) -> torch.Tensor:
+    """One random view of each image (paper appendix A), batched on the device."""
+    if "crop" in chosen:  # random resized crop + horizontal flip
+        x = common.random_resized_crop(x, scale=(args.min_crop, 1.0))
+    if "color" in chosen:  # colour distortion: jitter (p = 0.8), then greyscale (p = 0.2)
+        s = args.color_strength
+        x = common.color_jitter(x, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
+        x = common.random_grayscale(x, p=0.2)
+    if "blur" in chosen:  # p = 0.5, sigma in [0.1, 2.0], kernel 10% of the side
+        x = common.gaussian_blur(x, p=0.5)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Model: encoder f and projection head g
+# ---------------------------------------------------------------------------
+class SimCLR(nn.Module):
+    def __init__(self, backbone: nn.Module, width: int, proj_dim: int, proj_bn: bool = True):
+        super().__init__()
+        self.normalize = common.Normalize()
+        self.f = backbone  # h = f(x): the representation kept for downstream tasks
+        # g: an MLP with one hidden layer, z = W2 relu(W1 h) (paper sec. 2.1); the released
+        # code puts batch norm after W1, which trained faster here.
+        hidden = [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)] if proj_bn else [nn.Linear(width, width)]
+        self.g = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
+
+    def forward(self, x):  # x: (B, 3, H, W) in [0, 1] -> z: (B, proj_dim)
+        return self.g(self.f(self.normalize(x)))
+
+
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: RGB in [0, 1] -> h."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
+# ---------------------------------------------------------------------------
+# Loss: NT-Xent on the interleaved 2N x 2N similarity matrix
+# ---------------------------------------------------------------------------
+def similarity_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float):
+    """The lecture's 2N x 2N matrix of s_ij / tau, self-similarities masked, and the targets.
+
+    z1[i], z2[i]: the two views of image i, (N, d), not yet normalised. The views are
+    interleaved, rows 2k and 2k+1 being a positive pair, so each positive sits
+    beside the diagonal: row 2k's target is 2k+1 and row 2k+1's is 2k."""
+    n = len(z1)
+    z = torch.stack([z1, z2], dim=1).reshape(2 * n, -1)  # 2N x d: z1[0], z2[0], z1[1], z2[1], ...
+    z = F.normalize(z, dim=1)
+    logits = z @ z.T / temperature  # 2N x 2N: s_ij / tau, s = cosine similarity
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i in the denominator
+    targets = torch.arange(2 * n, device=z.device) ^ 1  # 0<->1, 2<->3, ...: the partner view
+    return logits, targets
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """l(i, j) = -log exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau), averaged over all 2N rows
+    (both orders of all N positive pairs; paper Algorithm 1)."""
+    logits, targets = similarity_logits(z1, z2, temperature)
+    return F.cross_entropy(logits, targets)
+
+
+# ---------------------------------------------------------------------------
+# Optimiser: LARS (You et al. 2017), as the paper uses for large batches
+# ---------------------------------------------------------------------------
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step for each weight matrix is scaled by the trust ratio
+    eta * |w| / |g + wd * w|. Biases and BatchNorm parameters (1-d) get neither weight
+    decay nor the scaling, as in the paper's implementation."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm,
+                                        torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d)
+                p.add_(buf, alpha=-group["lr"])
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    chosen = parse_augment(args.augment, args.image_size)
+    if args.optimizer not in ("sgd", "lars"):
+        common.fail(f"--optimizer must be sgd or lars, not {args.optimizer}")
+    common.check_image_size(args, 16, "the backbone's 16x downsampling")
+    run = common.Run(args, "simclr")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    model = run.prepare(SimCLR(backbone, width, args.proj_dim, args.proj_bn))
+    if args.optimizer == "lars":
+        optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    run.print(f"augmentations: {', '.join(sorted(chosen)) or 'none'}; "
+              f"negatives per view: {2 * args.batch_size * run.world - 2}")
+
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * args.epochs  # the schedule's length; --max-steps stops early without changing it
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    step = 0
+    state = run.load_checkpoint()
+    if state:
+        common.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+
+    def checkpoint():
+        return {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": step // steps_per_epoch, "step": step}
+
+    run.start_steps(step)
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
+            lr = common.cosine_lr(step, total_steps, args.lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = run.to_device(images)
+            x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
+            with run.autocast():
+                # One forward pass for both views, so batch norm sees all 2N views together.
+                z1, z2 = model(run.format(torch.cat([x1, x2]))).float().chunk(2)  # N x d each
+            # Under torchrun the negatives are the global batch: gather z from every process.
+            z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
+            logits, targets = similarity_logits(z1, z2, args.temperature)
+            loss = F.cross_entropy(logits, targets)  # = nt_xent(z1, z2, tau)
+            run.check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
+            run.log(step, last_step, epoch, len(images), force=step == last_step,
+                    loss=loss.item(), acc=acc.item(), lr=lr)
+            if run.should_stop():
+                run.interrupted(checkpoint())
+            if step >= last_step:
+                break
+        run.save_checkpoint(checkpoint())
+
+    net = common.unwrap(model)
+    run.save_encoder(net.f)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_top1": _pair_accuracy(net, data.test, chosen, args, run.device), "steps": step}
+    run.print(f"positive-pair top-1 on the test split (batch {min(len(data.test), 512)}): {results['pretext_top1']:.4f}")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
+        results.update(common.evaluate(encoder_of(net.f), encoder_of(random_backbone), data, run.device,
+                                       args.workers))
+    run.finish(results)
+    return results
+
+
+@torch.no_grad()
+def _pair_accuracy(model, dataset, chosen, args, device, batch_size=512):
+    """How often a view finds its partner among 2 x 512 - 1 test views (the pretext accuracy)."""
+    model.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(dataset) > batch_size):
+        x = common.to_float(images, device)
+        z1, z2 = model(augment(x, chosen, args)), model(augment(x, chosen, args))
+        logits, targets = similarity_logits(z1, z2, args.temperature)
+        correct += (logits.argmax(1) == targets).sum().item()
+        total += len(targets)
+    model.train()
+    return correct / total
+
+
+def main(argv=None):
+    return train(common.parse_args(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""moco.py: logits, queue, momentum update, split BN, shuffling, and the script."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import moco
+from conftest import ROOT, script_env
+from test_rotation import run_script, tiny
+
+
+def _moco(K=8, dim=4, m=0.9):
+    enc = moco.Encoder(nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                       6, dim, mlp=False)
+    return moco.MoCo(enc, dim, K, m, 0.1)
+
+
+def test_l_pos_and_l_neg_are_dot_products():
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(3, 4), dim=1), F.normalize(torch.randn(3, 4), dim=1)
+    queue = F.normalize(torch.randn(4, 5), dim=0)
+    l_pos, l_neg = moco.contrastive_logits(q, k, queue)
+    assert l_pos.shape == (3, 1) and l_neg.shape == (3, 5)
+    for i in range(3):
+        assert l_pos[i, 0].item() == pytest.approx(sum(q[i, c] * k[i, c] for c in range(4)).item(), abs=1e-6)
+        for j in range(5):
+            assert l_neg[i, j].item() == pytest.approx(sum(q[i, c] * queue[c, j] for c in range(4)).item(), abs=1e-6)
+
+
+def test_queue_keeps_the_newest_keys_and_wraps_around():
+    model = _moco(K=8, dim=4)
+    assert torch.allclose(model.queue.norm(dim=0), torch.ones(8))  # random keys, normalised, to start
+    batches = [F.normalize(torch.randn(2, 4), dim=1) for _ in range(5)]
+    for b in batches:
+        model.enqueue_dequeue(b)
+    # 5 batches of 2 into 8 slots: the first batch was overwritten by the fifth.
+    assert int(model.queue_ptr) == 2
+    for slot, b in zip((0, 2, 4, 6), (batches[4], batches[1], batches[2], batches[3])):
+        assert torch.equal(model.queue[:, slot:slot + 2], b.T)
+    assert torch.allclose(model.queue.norm(dim=0), torch.ones(8))
+
+
+def test_momentum_update_follows_the_formula_and_copies_buffers():
+    model = _moco(m=0.9)
+    for p in model.f_q.parameters():
+        p.data.add_(1.0)
+    model.f_q.backbone[1].running_mean.fill_(3.0)
+    before_q = [p.detach().clone() for p in model.f_q.parameters()]
+    before_k = [p.detach().clone() for p in model.f_k.parameters()]
+    model.momentum_update()
+    for pq, pk, after in zip(before_q, before_k, model.f_k.parameters()):
+        assert torch.allclose(after, 0.9 * pk + 0.1 * pq)
+    assert torch.equal(model.f_k.backbone[1].running_mean, torch.full((6,), 3.0))
+
+
+def test_backward_leaves_f_k_untouched():
+    model = _moco()
+    before = [p.detach().clone() for p in model.f_k.parameters()]
+    x = torch.rand(4, 3, 8, 8)
+    q = F.normalize(model.f_q(x), dim=1)
+    with torch.no_grad():
+        k = F.normalize(model.f_k(x), dim=1)
+    l_pos, l_neg = moco.contrastive_logits(q, k, model.queue)
+    F.cross_entropy(torch.cat([l_pos, l_neg], 1) / 0.1, torch.zeros(4, dtype=torch.long)).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.f_k.parameters())
+    assert all(p.grad is not None for p in model.f_q.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.f_k.parameters()))
+
+
+def test_split_bn_equals_batch_norm_per_sub_batch():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-1, 1)
+    split = moco.use_split_bn(nn.Sequential(bn), 4)[0]
+    assert isinstance(split, moco.SplitBatchNorm)
+    x = torch.randn(16, 3, 5, 5) * 2 + 1
+    out = split(x)
+    for j in range(4):  # sub-batch j: images j, j + 4, j + 8, j + 12
+        reference = F.batch_norm(x[j::4], None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        assert torch.allclose(out[j::4], reference, atol=1e-5)
+    expected_mean = 0.9 * 0 + 0.1 * torch.stack([x[j::4].mean((0, 2, 3)) for j in range(4)]).mean(0)
+    assert torch.allclose(split.running_mean, expected_mean, atol=1e-6)
+    split.eval()
+    assert torch.allclose(split(x), F.batch_norm(x, split.running_mean, split.running_var, bn.weight, bn.bias,
+                                                 training=False, eps=bn.eps))
+
+
+def test_single_process_shuffle_is_undone():
+    torch.manual_seed(0)
+    x = torch.arange(10.0).view(10, 1)
+    shuffled, unshuffle = moco.shuffle_keys(x)
+    assert not torch.equal(shuffled, x) and torch.equal(shuffled.sort(0).values, x)
+    assert torch.equal(moco.unshuffle_keys(shuffled, unshuffle), x)
+
+
+def test_end_to_end_writes_eval_json_and_the_queue(tiny_folder, tmp_path):
+    moco.main(tiny(tiny_folder, tmp_path, "--epochs", "3", "--queue-size", "64"))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("knn_top1", "linear_top1", "random_knn_top1", "random_linear_top1", "pretext_top1"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert saved["loss_chance"] == pytest.approx(math.log(65))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["queue"].shape == (128, 64) and int(state["queue_ptr"]) == (30 * 16) % 64
+    assert torch.allclose(state["queue"].norm(dim=0), torch.ones(64), atol=1e-5)
+
+
+def test_a_short_run_beats_random_init(tmp_path):
+    """120 steps on the built-in shapes already beat the random-init encoder downstream
+    (measured: kNN 0.199 vs 0.170, linear 0.279 vs 0.230)."""
+    r = moco.main(["--out", str(tmp_path), "--max-steps", "120", "--batch-size", "128", "--queue-size", "1024",
+                   "--log-every", "100"])
+    assert r["knn_top1"] > r["random_knn_top1"] + 0.01
+    assert r["linear_top1"] > r["random_linear_top1"] + 0.02
+
+
+def test_moco_under_torchrun_two_processes(tiny_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "moco.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval",
+                                            "--queue-size", "64")],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert int(state["queue_ptr"]) == 3 * 32 % 64  # keys of both processes entered the queue
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--queue-size", "1000", "--batch-size", "64"], "must be a multiple of the global batch 64"),
+    (["--batch-size", "60", "--queue-size", "120"], "must be a multiple of --bn-splits 8"),
+])
+def test_bad_sizes_are_one_line(tmp_path, argv, needle):
+    proc = run_script("moco.py", *argv, "--out", str(tmp_path))
+    assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
