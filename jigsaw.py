@@ -1,0 +1,253 @@
+"""Solve jigsaw puzzles: lecture 13, pretext task 3.
+
+Noroozi, Favaro, "Unsupervised Learning of Visual Representations by Solving
+Jigsaw Puzzles", ECCV 2016. Cut the image into a 3x3 grid of cells, take a
+slightly smaller tile at a random place in each cell (a gap between tiles, so
+edges cannot be matched), shuffle the 9 tiles by a permutation from a fixed
+set, and predict which permutation it was. The set is chosen greedily for
+large Hamming distance, so no two puzzles are nearly the same. A
+"context-free network" embeds each tile on its own with one shared backbone;
+the 9 features are concatenated in tile order and classified.
+
+    python jigsaw.py                                  # built-in shapes at 64 px, 100 permutations, ~3 min on 2 CPU cores
+    python jigsaw.py --num-perms 1000                 # the paper's main setting
+    python jigsaw.py --dataset folder --data-dir /tmp/cifar10-jpg --image-size 48 --tile 13
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    image_size: int = 64  # cells are image_size // 3 px; tiles must fit in them (paper: 225 px crops, 75 px cells)
+    epochs: int = 6  # sized for the 3-minute CPU budget on the built-in data
+    batch_size: int = 128  # puzzles per step (paper: 256)
+    lr: float = 0.05  # SGD peak lr; warm-up, then cosine decay
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    num_perms: int = 100  # size of the permutation set (paper: 1000 in the main result, 100 also studied)
+    tile: int = 18  # tile side in px, taken at a random place inside its cell (paper: 64 px in 75 px cells)
+    perm_seed: int = 0  # seed of the permutation set (fixed, so a saved model keeps its meaning)
+
+
+# ---------------------------------------------------------------------------
+# Pretext data: the permutation set, and puzzles made with it
+# ---------------------------------------------------------------------------
+def make_permutations(num_perms: int, seed: int = 0) -> torch.Tensor:
+    """(P, 9) LongTensor of distinct permutations of 0..8, chosen greedily for large
+    Hamming distance (paper sec. 3.2, Algorithm 1).
+
+    Start from a random permutation; then repeatedly add the permutation, among all
+    9! = 362,880, whose smallest Hamming distance to the chosen ones is largest,
+    ties broken by the largest total distance, then at random (seeded). The paper's
+    Algorithm 1 maximises the average distance alone; putting the minimum first keeps
+    near-duplicate puzzles out, which is what the paper is after (Table 3)."""
+    if not 1 <= num_perms <= 362_880:
+        raise ValueError(f"num_perms must be between 1 and 9! = 362880, not {num_perms}")
+    all_perms = torch.tensor(list(itertools.permutations(range(9))), dtype=torch.uint8)  # 9! x 9
+    columns = all_perms.T.contiguous()  # 9 x 9!: one row per tile position, for fast comparisons
+    gen = torch.Generator().manual_seed(seed)
+    tie_break = torch.randint(0, 1 << 10, (len(all_perms),), generator=gen, dtype=torch.int32)
+
+    def distance_to(p):  # Hamming distance of every permutation to p: 9! values in 0..9
+        p = p.tolist()
+        d = (columns[0] != p[0]).to(torch.uint8)
+        for i in range(1, 9):
+            d.add_(columns[i] != p[i])
+        return d.int()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these small element-wise ops run faster on one thread
+    first = int(torch.randint(len(all_perms), (1,), generator=gen))
+    chosen = [first]
+    min_dist = distance_to(all_perms[first])  # 0 for a chosen one, so it is never chosen again
+    total = min_dist.clone()
+    for _ in range(num_perms - 1):
+        # the smallest distance first, then the total (< 2^14), then the seeded tie-break (< 2^10)
+        best = int(((min_dist << 24) | (total << 10) | tie_break).argmax())
+        chosen.append(best)
+        d = distance_to(all_perms[best])
+        min_dist = torch.minimum(min_dist, d)
+        total += d
+    torch.set_num_threads(threads)
+    return all_perms[chosen].long()
+
+
+def make_puzzle(images: torch.Tensor, perms: torch.Tensor, tile: int):
+    """Tiles (N, 9, C, t, t) shuffled by a random permutation from `perms`, and its index (N,).
+
+    Cells are (side // 3) px; each tile sits at a random place inside its cell. Tile
+    position i holds cell perms[label][i], so the network sees the cells in that order;
+    tiles[:, argsort(perm)] puts them back."""
+    n, c, h, w = images.shape
+    cell = min(h, w) // 3
+    if tile > cell:
+        raise ValueError(f"tiles of {tile} px do not fit in the {cell} px cells of a {h}x{w} image")
+    dev = images.device
+    offsets = torch.randint(0, cell - tile + 1, (n, 9, 2), device=dev)  # where in its cell each tile sits
+    grid = torch.tensor([(r, col) for r in range(3) for col in range(3)], device=dev)  # cell k: (row, column)
+    corners = grid.unsqueeze(0) * cell + offsets  # (N, 9, 2), cells in reading order
+    r = torch.arange(tile, device=dev)
+    batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    rows = (corners[..., 0].view(n, 9, 1, 1) + r.view(1, 1, -1, 1))
+    cols = (corners[..., 1].view(n, 9, 1, 1) + r.view(1, 1, 1, -1))
+    cells = images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 1, 4, 2, 3)  # (N, 9, C, t, t)
+    labels = torch.randint(0, len(perms), (n,), device=dev)
+    order = perms.to(dev)[labels]  # (N, 9): tile position i shows cell order[i]
+    tiles = cells[torch.arange(n, device=dev).view(n, 1), order]
+    return tiles.contiguous(), labels
+
+
+def normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Each tile to zero mean and unit std per channel on its own (paper sec. 3.3), so
+    brightness and contrast cannot tie neighbouring tiles together."""
+    mean = tiles.mean((-2, -1), keepdim=True)
+    std = tiles.std((-2, -1), keepdim=True)
+    return (tiles - mean) / (std + 1e-2)
+
+
+def augment_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Colour jitter and random greyscale per tile (paper sec. 3.3: against shortcuts from
+    chromatic aberration and colour continuity), then per-tile normalisation."""
+    n, k, c, t, _ = tiles.shape
+    flat = tiles.reshape(n * k, c, t, t)
+    flat = common.color_jitter(flat, 0.4, 0.4, 0.4, 0.1, p=0.8)
+    flat = common.random_grayscale(flat, p=0.3)
+    return normalize_tiles(flat.view(n, k, c, t, t))
+
+
+# ---------------------------------------------------------------------------
+# Model: the context-free network
+# ---------------------------------------------------------------------------
+class ContextFreeNet(nn.Module):
+    """One backbone for all 9 tiles (shared weights: each tile is embedded without seeing
+    the others), features concatenated in tile order, then a classifier over the set."""
+
+    def __init__(self, backbone: nn.Module, width: int, num_perms: int):
+        super().__init__()
+        self.backbone = backbone
+        # paper: fc6 per tile (1024), concatenated, fc7 (4096), fc8 (num_perms)
+        self.head = nn.Sequential(nn.Linear(9 * width, 512), nn.ReLU(inplace=True), nn.Linear(512, num_perms))
+
+    def forward(self, tiles):  # (N, 9, 3, t, t), normalised per tile -> logits (N, P)
+        n = len(tiles)
+        feats = self.backbone(tiles.flatten(0, 1))  # 9N x width
+        return self.head(feats.view(n, -1))  # concatenated in tile order: N x 9 width
+
+
+class TileNormalizedEncoder(nn.Module):
+    """What the evaluation protocol sees: whole RGB images in [0, 1], normalised per image
+    as the tiles were during training, -> backbone features."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(normalize_tiles(x.unsqueeze(1)).squeeze(1))
+
+
+@torch.no_grad()
+def pretext_accuracy(model, dataset, perms, args, device, batch_size=256) -> float:
+    """Permutation accuracy on held-out images (per-tile normalisation, no colour jitter)."""
+    model.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        tiles, labels = make_puzzle(common.to_float(images, device), perms, args.tile)
+        correct += (model(normalize_tiles(tiles)).argmax(1) == labels).sum().item()
+        total += len(labels)
+    model.train()
+    return correct / total
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    if args.tile < 8:
+        common.fail(f"--tile must be at least 8 px, not {args.tile}")
+    common.check_image_size(args, 3 * args.tile, f"3x3 cells that hold {args.tile} px tiles (3 x tile)")
+    run = common.Run(args, "jigsaw")
+    perms = make_permutations(args.num_perms, args.perm_seed)
+    min_d = int((perms.unsqueeze(0) != perms.unsqueeze(1)).sum(-1).fill_diagonal_(9).min()) if len(perms) > 1 else 9
+    run.print(f"{len(perms)} permutations, minimum pairwise Hamming distance {min_d}")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    backbone, width = common.build_backbone(args.backbone, args.tile)
+    model = run.prepare(ContextFreeNet(backbone, width, args.num_perms))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * args.epochs  # the schedule's length; --max-steps stops early without changing it
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    step = 0
+    state = run.load_checkpoint()
+    if state:
+        common.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+
+    def checkpoint():
+        return {"model": common.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "perms": perms, "epoch": step // steps_per_epoch, "step": step}
+
+    run.start_steps(step)
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
+            lr = common.cosine_lr(step, total_steps, args.lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tiles, y = make_puzzle(run.to_device(images), perms, args.tile)  # (N, 9, 3, t, t), (N,)
+            tiles = augment_tiles(tiles)
+            with run.autocast():
+                logits = model(tiles)  # (N, P)
+                loss = F.cross_entropy(logits.float(), y)
+            run.check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            acc = (logits.argmax(1) == y).float().mean()
+            run.log(step, last_step, epoch, len(images), force=step == last_step,
+                    loss=loss.item(), acc=acc.item(), lr=lr)
+            if run.should_stop():
+                run.interrupted(checkpoint())
+            if step >= last_step:
+                break
+        run.save_checkpoint(checkpoint())
+
+    net = common.unwrap(model)
+    run.save_encoder(net.backbone)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_top1": pretext_accuracy(net, data.test, perms, args, run.device), "steps": step,
+               "min_hamming": min_d}
+    run.print(f"permutation accuracy on the test split: {results['pretext_top1']:.4f} (chance {1 / len(perms):.4f})")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.tile)
+        results.update(common.evaluate(TileNormalizedEncoder(net.backbone), TileNormalizedEncoder(random_backbone),
+                                       data, run.device, args.workers))
+    run.finish(results)
+    return results
+
+
+def main(argv=None):
+    return train(common.parse_args(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""patch_location.py: the geometry of the pairs, the colour defences, and the script."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import patch_location as pl
+from conftest import ROOT, script_env
+from test_rotation import run_script, tiny
+
+
+def coordinate_images(n, size):
+    """Pixel values that say where they are: channel 0 = row, channel 1 = column."""
+    r = torch.arange(size, dtype=torch.float32)
+    img = torch.stack([r.view(-1, 1).expand(size, size), r.view(1, -1).expand(size, size),
+                       torch.zeros(size, size)])
+    return img.unsqueeze(0).repeat(n, 1, 1, 1)
+
+
+@pytest.mark.parametrize("patch, gap, jitter, size", [(14, 7, 2, 64), (8, 3, 1, 32), (10, 0, 0, 30), (6, 3, 3, 40)])
+def test_labels_match_the_neighbours_true_offset_and_bounds_hold(patch, gap, jitter, size):
+    torch.manual_seed(0)
+    x = coordinate_images(500, size)
+    centre, neighbour, labels, corners = pl.sample_pairs(x, patch, gap, jitter)
+    assert centre.shape == neighbour.shape == (500, 3, patch, patch)
+    # Patches are real crops of the image (their content is their position), never outside it.
+    for p, c in ((centre, corners[:, 0]), (neighbour, corners[:, 1])):
+        assert torch.equal(p[:, 0, 0, 0], c[:, 0].float()) and torch.equal(p[:, 1, 0, 0], c[:, 1].float())
+        assert torch.equal(p[:, 0, -1, 0], c[:, 0].float() + patch - 1)
+        assert (c >= 0).all() and (c + patch <= size).all()
+    # The offset from the centre patch to the neighbour, read from the pixels:
+    dy = neighbour[:, 0, 0, 0] - centre[:, 0, 0, 0]
+    dx = neighbour[:, 1, 0, 0] - centre[:, 1, 0, 0]
+    step = patch + gap
+    for k, (row, col) in enumerate(pl.POSITIONS):
+        sel = labels == k
+        assert sel.any()
+        for d, cell in ((dy[sel], row - 1), (dx[sel], col - 1)):
+            # Up to 2 x jitter away from the grid position, and no further.
+            assert ((d - cell * step).abs() <= 2 * jitter).all()
+    # Every position occurs, about equally often.
+    assert labels.bincount(minlength=8).min() > 30
+    # Neighbouring patches are separated by at least the gap minus the jitter of both.
+    side = (labels == 3) | (labels == 4)  # left or right neighbour
+    assert ((dx[side].abs() - patch) >= gap - 2 * jitter).all()
+    if jitter:
+        assert (dy[side] != 0).any()  # jitter moves the patches
+
+
+def test_image_too_small_for_the_grid_is_refused():
+    with pytest.raises(ValueError):
+        pl.sample_pairs(torch.rand(2, 3, 40, 40), 14, 7, 2)
+
+
+def test_colour_dropping_keeps_one_channel_and_noises_the_others():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 8, 8)
+    out = pl.drop_colour(x)
+    kept = (out == x).flatten(2).all(2)  # (N, 3): which channels are untouched
+    assert (kept.sum(1) == 1).all()
+    assert kept.float().mean(0).min() > 0.15  # each channel is kept sometimes
+    dropped = out[~kept]
+    assert dropped.std((1, 2)).max() < 0.02  # noise of 1/100 of the kept channel's std
+
+
+def test_projection_removes_the_green_magenta_component():
+    x = torch.rand(4, 3, 5, 5)
+    out = pl.project_colour(x)
+    along = (out * pl.GREEN_MAGENTA.view(1, 3, 1, 1)).sum(1)
+    assert along.abs().max() < 1e-6
+    grey = torch.full((1, 3, 2, 2), 0.5)
+    assert torch.allclose(pl.project_colour(grey), grey)  # grey has no green-magenta component
+
+
+def test_end_to_end(tiny_folder, tmp_path):
+    pl.main(tiny(tiny_folder, tmp_path, "--image-size", "32", "--patch", "8", "--gap", "3", "--jitter", "1",
+                 "--epochs", "2"))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("knn_top1", "linear_top1", "random_knn_top1", "random_linear_top1", "pretext_top1"):
+        assert 0.0 <= saved[key] <= 1.0
+
+
+def test_a_short_run_learns(tmp_path):
+    r = pl.main(["--out", str(tmp_path), "--max-steps", "100", "--no-eval", "--log-every", "0"])
+    assert r["pretext_top1"] > 0.2  # chance: 1/8
+
+
+def test_too_small_image_size_is_one_line_naming_the_options(tmp_path):
+    proc = run_script("patch_location.py", "--image-size", "48", "--out", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "needs at least 64 px" in proc.stderr and "gap 6" in proc.stderr
+
+
+def test_two_process_torchrun(tiny_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "patch_location.py", *tiny(tiny_folder, tmp_path, "--image-size", "32", "--patch", "8",
+                                                      "--gap", "3", "--jitter", "1", "--max-steps", "3", "--no-eval")],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
