@@ -750,10 +750,20 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_backbone(name: str, image_size: int) -> tuple[nn.Module, int]:
-    """(module mapping normalised images (N, 3, H, W) to features (N, width), width)."""
+def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's last spatial feature map (N, width, h, w), before pooling. Works for
+    SmallResNet and torchvision's ResNets alike (same attribute names)."""
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    return backbone.layer4(backbone.layer3(backbone.layer2(backbone.layer1(x))))
+
+
+def build_backbone(name: str, image_size: int, half: bool = False) -> tuple[nn.Module, int]:
+    """(module mapping normalised images (N, 3, H, W) to features (N, width), width).
+
+    half: a network of half the width, for split-brain's two halves; torchvision's
+    ResNets have fixed widths, so there it is the full network."""
     if name == "small":
-        return SmallResNet(), 128
+        return (SmallResNet((8, 16, 32, 64)), 64) if half else (SmallResNet(), 128)
     import torchvision
     if name not in ("resnet18", "resnet50"):
         fail(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
@@ -1000,6 +1010,32 @@ class Run:
         tmp = self.checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
+
+    def schedule(self, loader) -> tuple[int, int, int]:
+        """(steps per epoch, total steps of the lr schedule, step to stop at). --max-steps stops
+        early without shortening the schedule, so a run it stopped can be resumed to the end."""
+        self.steps_per_epoch = len(loader)
+        total = self.steps_per_epoch * self.args.epochs
+        return self.steps_per_epoch, total, min(total, self.args.max_steps) if self.args.max_steps else total
+
+    def resume(self, parts: dict) -> int:
+        """Load --resume's checkpoint into `parts` (name -> model, optimiser or tensor) and
+        return its step; 0 for a fresh run."""
+        state = self.load_checkpoint()
+        step = state["step"] if state else 0
+        for name, part in (parts.items() if state else ()):
+            if isinstance(part, torch.Tensor):
+                part.copy_(state[name])
+            else:
+                unwrap(part).load_state_dict(state[name])
+        self.start_steps(step)
+        return step
+
+    def state(self, parts: dict, step: int) -> dict:
+        """The checkpoint dict: each part's state, the epoch and the step."""
+        saved = {name: part if isinstance(part, torch.Tensor) else unwrap(part).state_dict()
+                 for name, part in parts.items()}
+        return {**saved, "epoch": step // self.steps_per_epoch, "step": step}
 
     def load_checkpoint(self) -> dict | None:
         """The checkpoint to resume from (restoring the random state), or None for a fresh run."""

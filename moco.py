@@ -209,25 +209,9 @@ def train(args: Args):
     run.print(f"queue K = {args.queue_size}, momentum m = {args.momentum}, temperature t = {args.temperature}; "
               f"chance level of the loss: log(1 + K) = {chance:.3f}")
 
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * args.epochs  # the schedule's length; --max-steps stops early without changing it
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-    step = 0
-    state = run.load_checkpoint()
-    if state:
-        common.unwrap(f_q).load_state_dict(state["f_q"])
-        f_k.load_state_dict(state["f_k"])
-        moco.queue.copy_(state["queue"])
-        moco.queue_ptr.copy_(state["queue_ptr"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-
-    def checkpoint():
-        return {"f_q": common.unwrap(f_q).state_dict(), "f_k": f_k.state_dict(), "queue": moco.queue,
-                "queue_ptr": moco.queue_ptr, "optimizer": optimizer.state_dict(),
-                "epoch": step // steps_per_epoch, "step": step}
-
-    run.start_steps(step)
+    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    parts = {"f_q": f_q, "f_k": f_k, "queue": moco.queue, "queue_ptr": moco.queue_ptr, "optimizer": optimizer}
+    step = run.resume(parts)
     f_q.train()
     f_k.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
@@ -264,10 +248,10 @@ def train(args: Args):
             run.log(step, last_step, epoch, N, force=step == last_step,
                     loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
             if run.should_stop():
-                run.interrupted(checkpoint())
+                run.interrupted(run.state(parts, step))
             if step >= last_step:
                 break
-        run.save_checkpoint(checkpoint())
+        run.save_checkpoint(run.state(parts, step))
 
     backbone = common.unwrap(f_q).backbone
     run.save_encoder(backbone)

@@ -1,0 +1,270 @@
+"""Colorful image colorization: lecture 13, pretext task 5.
+
+Zhang, Isola, Efros, "Colorful Image Colorization", ECCV 2016. Work in CIE
+Lab: the network F sees only the lightness L and an "ab" head paints the two
+colour channels. Colour is treated as classification: ab space is quantised
+into bins on a grid of 10 (the bins inside the sRGB gamut), each pixel's
+target is soft-encoded over its 5 nearest bins, the cross-entropy is
+rebalanced so rare, saturated colours are not washed out, and the image is
+decoded with the "annealed mean" of the predicted distribution.
+
+    python colorization.py                            # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
+    python colorization.py --loss regression          # plain L2 on ab: compare the grids (paper Fig. 3)
+    python colorization.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 8  # sized for the 3-minute CPU budget on the built-in data
+    batch_size: int = 128  # paper: 40
+    lr: float = 1e-3  # Adam (paper: 3e-5 with Adam for ImageNet over 450k steps)
+    loss: str = "classification"  # classification (paper) | regression (L2 on ab, the paper's baseline)
+    rebalance: float = 0.5  # lambda mixing the prior with uniform for the class weights (paper: 0.5); 1 = no rebalancing
+    temperature: float = 0.38  # annealed-mean temperature T for decoding (paper: 0.38)
+    prior_images: int = 2000  # training images the colour prior is estimated from, at the start
+
+
+# ---------------------------------------------------------------------------
+# Pretext data: L in, quantised ab out
+# ---------------------------------------------------------------------------
+GRID = 10.0  # ab bin size (paper: 10)
+
+
+def ab_bins(grid: float = GRID) -> torch.Tensor:
+    """Centres (Q, 2) of the ab grid cells that some sRGB colour falls into.
+
+    Computed from the gamut itself: a dense sample of the sRGB cube goes through
+    common.rgb_to_lab, and a cell counts if any colour lands in it. The paper has 313
+    such bins (computed over ImageNet's colours at all L); a dense cube sample finds a
+    few more or fewer, see the README."""
+    steps = torch.linspace(0, 1, 64)
+    rgb = torch.stack(torch.meshgrid(steps, steps, steps, indexing="ij")).reshape(3, -1)
+    lab = common.rgb_to_lab(rgb.T.reshape(-1, 3, 1, 1)).reshape(-1, 3)
+    cells = torch.unique(torch.round(lab[:, 1:] / grid), dim=0)
+    return cells * grid
+
+
+def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int = 5, sigma: float = 5.0) -> torch.Tensor:
+    """ab (N, 2, H, W) -> targets (N, Q, H, W): each pixel spread over its k nearest bins
+    with Gaussian weights exp(-d^2 / 2 sigma^2), summing to 1 (paper sec. 2.1)."""
+    n, _, h, w = ab.shape
+    flat = ab.permute(0, 2, 3, 1).reshape(-1, 2)
+    d2 = torch.cdist(flat, bins.to(ab)) ** 2  # P x Q
+    near_d2, near = d2.topk(k, dim=1, largest=False)
+    weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)  # Gaussian weights, normalised
+    target = torch.zeros_like(d2).scatter_(1, near, weights)
+    return target.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def colour_prior(ab_batches, bins: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+    """Empirical distribution of the nearest bins over the given ab maps, smoothed with a
+    Gaussian (sigma in ab units) over the bin grid (paper sec. 2.2)."""
+    counts = torch.zeros(len(bins))
+    for ab in ab_batches:
+        flat = ab.permute(0, 2, 3, 1).reshape(-1, 2)
+        counts += torch.cdist(flat, bins).argmin(1).bincount(minlength=len(bins)).float()
+    p = counts / counts.sum()
+    kernel = torch.exp(-torch.cdist(bins, bins) ** 2 / (2 * sigma ** 2))
+    smoothed = kernel @ p
+    return smoothed / smoothed.sum()
+
+
+def rebalance_weights(prior: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
+    """w proportional to ((1 - lam) * prior + lam / Q) ** -1, scaled so that the
+    prior-weighted mean E_prior[w] = sum_q prior_q w_q is 1 (paper eq. 3-4)."""
+    w = ((1 - lam) * prior + lam / len(prior)) ** -1
+    return w / (prior * w).sum()
+
+
+def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, T: float = 0.38) -> torch.Tensor:
+    """logits (N, Q, H, W) -> ab (N, 2, H, W): the mean of the distribution re-tempered
+    as f_T(z) = exp(log z / T) / sum exp(log z / T) (paper sec. 2.3). T = 1 gives the
+    mean, T -> 0 the mode."""
+    p = torch.softmax(torch.log_softmax(logits, dim=1) / T, dim=1)
+    return torch.einsum("nqhw,qc->nchw", p, bins.to(p))
+
+
+def split_lab(x: torch.Tensor):
+    """RGB in [0, 1] -> (L scaled to about [-1, 1], (N, 1, H, W); ab in Lab units, (N, 2, H, W))."""
+    lab = common.rgb_to_lab(x)
+    return lab[:, :1] / 50 - 1, lab[:, 1:]
+
+
+# ---------------------------------------------------------------------------
+# Model: F on L, and the ab head
+# ---------------------------------------------------------------------------
+class ColorizationNet(nn.Module):
+    """F: the backbone applied to L (repeated over its 3 input channels, so it stays a
+    standard RGB backbone); head: transposed convolutions up to a quarter of the image
+    side (paper: 56 of 224 px), then a 1x1 convolution to Q bin logits (or 2 ab values)."""
+
+    def __init__(self, backbone: nn.Module, width: int, image_size: int, outputs: int):
+        super().__init__()
+        self.backbone = backbone
+        with torch.no_grad():
+            side = common.feature_map(backbone.eval(), torch.zeros(1, 3, image_size, image_size)).shape[-1]
+        backbone.train()
+        layers, channels = [], width
+        while side < image_size // 4:
+            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(channels // 2), nn.ReLU(True)]
+            channels, side = channels // 2, side * 2
+        layers.append(nn.Conv2d(channels, outputs, 1))
+        self.head = nn.Sequential(*layers)
+        self.out_size = image_size // 4
+
+    def forward(self, L):  # (N, 1, H, W), scaled L -> (N, outputs, H/4, W/4)
+        out = self.head(common.feature_map(self.backbone, L.expand(-1, 3, -1, -1)))
+        return F.interpolate(out, size=(self.out_size, self.out_size), mode="bilinear") \
+            if out.shape[-1] != self.out_size else out
+
+
+class LightnessEncoder(nn.Module):
+    """What the evaluation protocol sees: RGB in [0, 1] -> L -> backbone features."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(split_lab(x)[0].expand(-1, 3, -1, -1))
+
+
+def colourise(model, x, bins, args):
+    """Input L with the predicted ab (upsampled to full size) -> RGB."""
+    L, _ = split_lab(x)
+    out = model(L)
+    ab = annealed_mean(out, bins, args.temperature) if args.loss == "classification" else out * 100
+    ab = F.interpolate(ab, size=x.shape[-2:], mode="bilinear")
+    return common.lab_to_rgb(torch.cat([(L + 1) * 50, ab], dim=1))
+
+
+@torch.no_grad()
+def save_grid(model, dataset, bins, args, device, path, n: int = 8):
+    """Rows: greyscale input, colourised output, original."""
+    import torchvision.utils as vutils
+    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
+    was_training = model.training
+    model.eval()
+    grey = ((split_lab(x)[0] + 1) / 2).expand(-1, 3, -1, -1)
+    rows = torch.cat([grey, colourise(model, x, bins, args), x])
+    model.train(was_training)
+    vutils.save_image(rows, path, nrow=n, padding=1)
+
+
+@torch.no_grad()
+def test_ab_error(model, dataset, bins, args, device, batch_size=256) -> float:
+    """Mean absolute ab error of the decoded colours on the test split (Lab units)."""
+    model.eval()
+    total = count = 0.0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = common.to_float(images, device)
+        L, ab = split_lab(x)
+        out = model(L)
+        pred = annealed_mean(out, bins, args.temperature) if args.loss == "classification" else out * 100
+        target = F.adaptive_avg_pool2d(ab, pred.shape[-2:])
+        total += (pred - target).abs().mean().item() * len(x)
+        count += len(x)
+    model.train()
+    return total / count
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    if args.loss not in ("classification", "regression"):
+        common.fail(f"--loss must be classification or regression, not {args.loss}")
+    common.check_image_size(args, 16, "an ab head at a quarter of the image side")
+    run = common.Run(args, "colorization")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    bins = ab_bins().to(run.device)
+    # The prior: ab of the first --prior-images training images, once, at the start.
+    sample = torch.stack([data.pretrain[i][0] for i in range(min(args.prior_images, len(data.pretrain)))])
+    prior = colour_prior([split_lab(sample[i:i + 500].float() / 255)[1] for i in range(0, len(sample), 500)],
+                         bins.cpu()).to(run.device)
+    weights = rebalance_weights(prior, args.rebalance)
+    if run.is_main:
+        torch.save({"bins": bins.cpu(), "prior": prior.cpu(), "weights": weights.cpu()}, run.out / "prior.pt")
+    run.print(f"{len(bins)} in-gamut ab bins on a grid of {GRID:g}; class weights from "
+              f"{weights.min():.2f} to {weights.max():.2f}")
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    outputs = len(bins) if args.loss == "classification" else 2
+    model = run.prepare(ColorizationNet(backbone, width, args.image_size, outputs))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    parts = {"model": model, "optimizer": optimizer}
+    step = run.resume(parts)
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
+            lr = common.cosine_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = run.to_device(images)
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
+            L, ab = split_lab(x)  # (N, 1, H, W), (N, 2, H, W)
+            ab = F.adaptive_avg_pool2d(ab, model_out_size(model))  # targets at the output size, H/4
+            with run.autocast():
+                out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
+            if args.loss == "classification":
+                Z = soft_encode(ab, bins)  # soft targets: (N, Q, h, w)
+                v = weights[Z.argmax(1)]  # v(Z_hw) = w of the pixel's nearest bin: (N, h, w)
+                # L_cl = -sum_hw v(Z_hw) sum_q Z_hwq log Zhat_hwq (paper eq. 2), averaged over pixels
+                loss = -(v * (Z * F.log_softmax(out, dim=1)).sum(1)).mean()
+            else:
+                loss = F.mse_loss(out, ab / 100)  # ab scaled to about [-1, 1]
+            run.check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            run.log(step, last_step, epoch, len(images), force=step == last_step, loss=loss.item(), lr=lr)
+            if run.should_stop():
+                run.interrupted(run.state(parts, step))
+            if step >= last_step:
+                break
+        run.save_checkpoint(run.state(parts, step))
+        if run.is_main:
+            save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
+
+    net = common.unwrap(model)
+    run.save_encoder(net.backbone)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_ab_error": test_ab_error(net, data.test, bins, args, run.device), "steps": step,
+               "num_bins": len(bins)}
+    run.print(f"mean |ab error| on the test split: {results['pretext_ab_error']:.2f} (grid: {run.out / 'grid.png'})")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
+        results.update(common.evaluate(LightnessEncoder(net.backbone), LightnessEncoder(random_backbone), data,
+                                       run.device, args.workers))
+    run.finish(results)
+    return results
+
+
+def model_out_size(model) -> int:
+    return common.unwrap(model).out_size
+
+
+def main(argv=None):
+    return train(common.parse_args(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

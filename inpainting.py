@@ -1,0 +1,273 @@
+"""Context encoders, feature learning by inpainting: lecture 13, pretext task 4.
+
+Pathak, Krähenbühl, Donahue, Darrell, Efros, "Context Encoders: Feature
+Learning by Inpainting", CVPR 2016. Drop a region of the image; an
+encoder-decoder fills it in from the context. The encoder (the backbone) is
+the feature extractor kept afterwards. The loss is a reconstruction term on
+the missing region, L_rec = || M * (x - F((1 - M) * x)) ||^2, plus, as the
+lecture stresses, an adversarial term that makes the fill sharper:
+L = lambda_rec * L_rec + lambda_adv * L_adv with 0.999 and 0.001.
+
+    python inpainting.py                              # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
+    python inpainting.py --adv-weight 0               # reconstruction only: compare the grids (the lecture's claim)
+    python inpainting.py --mask blocks                # or region: the paper's other two kinds of hole
+    python inpainting.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 5  # sized for the 3-minute CPU budget on the built-in data
+    batch_size: int = 128  # paper: 64
+    lr: float = 1e-3  # Adam for the context encoder; the discriminator gets a tenth (paper: 10x lower for D)
+    mask: str = "center"  # center (one square) | blocks (several random squares) | region (random blob); paper sec. 3.3
+    hole: float = 0.5  # side of the central square as a fraction of the image side (paper: 64 of 128 px)
+    rec_weight: float = 0.999  # lambda_rec (paper: 0.999)
+    adv_weight: float = 0.001  # lambda_adv (paper: 0.001); 0 trains with the reconstruction loss alone
+
+
+# ---------------------------------------------------------------------------
+# Pretext data: the hole, and the image with it
+# ---------------------------------------------------------------------------
+def make_masks(n: int, size: int, kind: str, hole: float, device="cpu") -> torch.Tensor:
+    """Masks (N, 1, size, size), 1 where the image is dropped.
+
+    center: a centred square of side hole * size. blocks: four squares of half that
+    side at random places (they may overlap), as the paper's "random block". region:
+    a random smooth blob covering a quarter of the image, standing in for the paper's
+    masks taken from PASCAL segmentations (sec. 3.3)."""
+    side = max(1, round(hole * size))
+    if kind == "center":
+        m = torch.zeros(n, 1, size, size, device=device)
+        top = (size - side) // 2
+        m[:, :, top:top + side, top:top + side] = 1
+        return m
+    if kind == "blocks":
+        b = max(1, side // 2)
+        r = torch.arange(size, device=device)
+        m = torch.zeros(n, 1, size, size, device=device)
+        for _ in range(4):
+            oy, ox = (torch.randint(0, size - b + 1, (2, n, 1, 1), device=device))
+            inside = ((r.view(1, -1, 1) >= oy) & (r.view(1, -1, 1) < oy + b) &
+                      (r.view(1, 1, -1) >= ox) & (r.view(1, 1, -1) < ox + b))
+            m = torch.maximum(m, inside.unsqueeze(1).float())
+        return m
+    if kind == "region":
+        noise = F.interpolate(torch.rand(n, 1, 5, 5, device=device), size=(size, size), mode="bicubic",
+                              align_corners=True)
+        threshold = noise.flatten(1).quantile(0.75, dim=1).view(n, 1, 1, 1)
+        return (noise > threshold).float()
+    raise ValueError(f"unknown mask kind {kind!r}")
+
+
+def mask_images(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(1 - M) * x, with the hole filled by the mean colour (paper: the hole is set to the mean)."""
+    mean = torch.tensor(common.MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x * (1 - m) + mean * m
+
+
+# ---------------------------------------------------------------------------
+# Model: encoder (the backbone), channel-wise fully connected bottleneck, decoder
+# ---------------------------------------------------------------------------
+class ChannelwiseFC(nn.Module):
+    """Each channel's h x w map is mapped by its own fully connected layer, then a 1x1
+    convolution mixes the channels (paper sec. 3.1): context spreads across the whole
+    map at a fraction of a full fully-connected layer's parameters."""
+
+    def __init__(self, channels: int, positions: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, positions, positions) / math.sqrt(positions))
+        self.bias = nn.Parameter(torch.zeros(channels, positions))
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):  # (N, C, h, w) -> (N, C, h, w)
+        n, c, h, w = x.shape
+        y = torch.einsum("nci,cij->ncj", x.flatten(2), self.weight) + self.bias
+        return self.mix(F.relu(y).view(n, c, h, w))
+
+
+class ContextEncoder(nn.Module):
+    def __init__(self, backbone: nn.Module, width: int, image_size: int):
+        super().__init__()
+        self.normalize = common.Normalize()
+        self.backbone = backbone  # the encoder, kept for downstream work
+        with torch.no_grad():
+            fmap = common.feature_map(backbone.eval(), torch.zeros(1, 3, image_size, image_size))
+        backbone.train()
+        self.bottleneck = ChannelwiseFC(width, fmap.shape[2] * fmap.shape[3])
+        layers, channels, side = [], width, fmap.shape[2]
+        while side < image_size:  # transposed convolutions, doubling the side each time
+            out = max(16, channels // 2)
+            layers += [nn.ConvTranspose2d(channels, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+            channels, side = out, side * 2
+        layers += [nn.Conv2d(channels, 3, 3, padding=1), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, masked):  # (N, 3, H, W) in [0, 1] -> the whole image reconstructed, (N, 3, H, W)
+        out = self.decoder(self.bottleneck(common.feature_map(self.backbone, self.normalize(masked))))
+        return F.interpolate(out, size=masked.shape[-2:], mode="bilinear") if out.shape[-1] != masked.shape[-1] else out
+
+
+class Discriminator(nn.Module):
+    """Real image or one whose hole was filled by the context encoder? (a small DCGAN-style net)"""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 32, 4, 2, 1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(32, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2, True),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 1))
+
+    def forward(self, x):  # (N, 3, H, W) in [0, 1] -> logit of "real", (N,)
+        return self.net(x * 2 - 1).flatten()
+
+
+# ---------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_rec = || M * (x - x_hat) ||^2, divided by the number of masked values, so the
+    loss does not depend on the size of the hole; pixels outside M do not count."""
+    m = mask.expand_as(x)
+    return ((m * (x - x_hat)) ** 2).sum() / m.sum().clamp(min=1)
+
+
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: whole RGB images in [0, 1] -> backbone features."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
+@torch.no_grad()
+def fill(model, x, m):
+    """Context encoder output pasted into the hole; the context is kept as it was."""
+    return x * (1 - m) + model(mask_images(x, m)) * m
+
+
+@torch.no_grad()
+def test_error(model, dataset, args, device, batch_size=512) -> float:
+    """Mean squared error in the hole on the test split (the pretext metric)."""
+    model.eval()
+    total = count = 0.0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = common.to_float(images, device)
+        m = make_masks(len(x), x.shape[-1], args.mask, args.hole, device)
+        total += reconstruction_loss(x, model(mask_images(x, m)), m).item() * len(x)
+        count += len(x)
+    model.train()
+    return total / count
+
+
+def save_grid(model, dataset, args, device, path, n: int = 8):
+    """Rows: masked input, the context encoder's fill, the original."""
+    import torchvision.utils as vutils
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the same masks every time, so grids of different runs compare
+    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
+    m = make_masks(n, x.shape[-1], args.mask, args.hole, device)
+    torch.random.set_rng_state(gen_state)
+    was_training = model.training
+    model.eval()
+    rows = torch.cat([mask_images(x, m), fill(model, x, m), x])
+    model.train(was_training)
+    vutils.save_image(rows, path, nrow=n, padding=1)
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    if args.mask not in ("center", "blocks", "region"):
+        common.fail(f"--mask must be center, blocks or region, not {args.mask}")
+    if not 0 < args.hole < 1:
+        common.fail(f"--hole must be between 0 and 1 (a fraction of the image side), not {args.hole}")
+    common.check_image_size(args, 16, "the decoder's upsampling from the backbone's feature map")
+    run = common.Run(args, "inpainting")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    model = run.prepare(ContextEncoder(backbone, width, args.image_size))
+    disc = run.prepare(Discriminator())
+    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr * 0.1, betas=(0.5, 0.999))
+
+    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    parts = {"model": model, "discriminator": disc, "opt_g": opt_g, "opt_d": opt_d}
+    step = run.resume(parts)
+    adversarial = args.adv_weight > 0
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
+            lr = common.cosine_lr(step, total_steps, args.lr)
+            for opt, scale in ((opt_g, 1.0), (opt_d, 0.1)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+            x = run.to_device(images)
+            m = make_masks(len(x), x.shape[-1], args.mask, args.hole, x.device)  # (N, 1, H, W): 1 = dropped
+            with run.autocast():
+                x_hat = model(run.format(mask_images(x, m))).float()  # F((1 - M) * x)
+                loss_rec = reconstruction_loss(x, x_hat, m)
+                filled = x * (1 - m) + x_hat * m
+                # L_adv for the encoder-decoder: make D call the filled image real (the
+                # non-saturating form of max_D E[log D(x) + log(1 - D(F((1 - M) x)))]).
+                loss_adv = F.binary_cross_entropy_with_logits(disc(filled).float(), torch.ones(len(x), device=x.device)) \
+                    if adversarial else torch.zeros((), device=x.device)
+                loss = args.rec_weight * loss_rec + args.adv_weight * loss_adv
+            run.check_finite(loss, step)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_g.step()
+            loss_d = torch.zeros(())
+            if adversarial:  # D: real images -> 1, filled ones -> 0
+                with run.autocast():
+                    real, fake = disc(x).float(), disc(filled.detach()).float()
+                    loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
+                        F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+            step += 1
+            run.log(step, last_step, epoch, len(images), force=step == last_step,
+                    loss_rec=loss_rec.item(), loss_adv=loss_adv.item(), loss_d=loss_d.item(), lr=lr)
+            if run.should_stop():
+                run.interrupted(run.state(parts, step))
+            if step >= last_step:
+                break
+        run.save_checkpoint(run.state(parts, step))
+        if run.is_main:
+            save_grid(common.unwrap(model), data.test, args, run.device, run.out / "grid.png")
+
+    net = common.unwrap(model)
+    run.save_encoder(net.backbone)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_hole_mse": test_error(net, data.test, args, run.device), "steps": step}
+    run.print(f"mean squared error in the hole on the test split: {results['pretext_hole_mse']:.5f} "
+              f"(grid of fills: {run.out / 'grid.png'})")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
+        results.update(common.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data, run.device,
+                                       args.workers))
+    run.finish(results)
+    return results
+
+
+def main(argv=None):
+    return train(common.parse_args(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Split-brain autoencoders: lecture 13, pretext task 6.
+
+Zhang, Isola, Efros, "Split-Brain Autoencoders: Unsupervised Learning by
+Cross-Channel Prediction", CVPR 2017. Split the input channels, X1 = L and
+X2 = ab, and the network into two disjoint halves of half the width: F1
+predicts ab from L, F2 predicts L from ab. Each half is trained with a
+classification loss over quantised values (the paper found it better than
+regression, Table 2). The representation is the concatenation of both
+halves' features on the full Lab image.
+
+    python split_brain.py                             # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
+    python split_brain.py --loss regression           # L2 losses instead, the paper's comparison
+    python split_brain.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclass
+class Args(common.Args):
+    epochs: int = 8  # sized for the 3-minute CPU budget on the built-in data
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam
+    loss: str = "classification"  # classification (paper) | regression (L2 on ab and on L)
+    l_bins: int = 50  # F2's classes: L quantised into this many bins over [0, 100]
+
+
+# ---------------------------------------------------------------------------
+# Pretext data: L and ab, each quantised for the other half to predict
+# ---------------------------------------------------------------------------
+GRID = 10.0  # ab bin size, as in colorization.py
+
+
+def ab_bins(grid: float = GRID) -> torch.Tensor:
+    """Centres (Q, 2) of the ab grid cells that some sRGB colour falls into (as colorization.py)."""
+    steps = torch.linspace(0, 1, 64)
+    rgb = torch.stack(torch.meshgrid(steps, steps, steps, indexing="ij")).reshape(3, -1)
+    lab = common.rgb_to_lab(rgb.T.reshape(-1, 3, 1, 1)).reshape(-1, 3)
+    return torch.unique(torch.round(lab[:, 1:] / grid), dim=0) * grid
+
+
+def ab_classes(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """ab (N, 2, h, w) -> index of the nearest bin (N, h, w)."""
+    n, _, h, w = ab.shape
+    return torch.cdist(ab.permute(0, 2, 3, 1).reshape(-1, 2), bins.to(ab)).argmin(1).view(n, h, w)
+
+
+def l_classes(L: torch.Tensor, l_bins: int) -> torch.Tensor:
+    """L in [0, 100], (N, 1, h, w) -> bin index (N, h, w), l_bins equal bins."""
+    return (L[:, 0] / 100 * l_bins).long().clamp(0, l_bins - 1)
+
+
+def lab_input(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> Lab scaled to about [-1, 1] per channel: (N, 3, H, W)."""
+    lab = common.rgb_to_lab(x)
+    return torch.cat([lab[:, :1] / 50 - 1, lab[:, 1:] / 100], dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Model: two disjoint halves, each with a head
+# ---------------------------------------------------------------------------
+def half_network(backbone_name: str, image_size: int, in_channels: int):
+    """A half-width backbone whose first convolution takes `in_channels` channels."""
+    net, width = common.build_backbone(backbone_name, image_size, half=True)
+    old = net.conv1
+    net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    return net, width
+
+
+class Head(nn.Module):
+    """Transposed convolutions from the feature map to a quarter of the image side, then
+    a 1x1 convolution to `outputs` channels (as colorization.py's ab head)."""
+
+    def __init__(self, backbone, width, image_size, in_channels, outputs):
+        super().__init__()
+        with torch.no_grad():
+            side = common.feature_map(backbone.eval(), torch.zeros(1, in_channels, image_size, image_size)).shape[-1]
+        backbone.train()
+        layers, channels = [], width
+        while side < image_size // 4:
+            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(channels // 2), nn.ReLU(True)]
+            channels, side = channels // 2, side * 2
+        layers.append(nn.Conv2d(channels, outputs, 1))
+        self.net = nn.Sequential(*layers)
+        self.out_size = image_size // 4
+
+    def forward(self, fmap):
+        out = self.net(fmap)
+        return F.interpolate(out, size=(self.out_size, self.out_size), mode="bilinear") \
+            if out.shape[-1] != self.out_size else out
+
+
+class SplitBrain(nn.Module):
+    def __init__(self, backbone_name: str, image_size: int, ab_outputs: int, l_outputs: int):
+        super().__init__()
+        self.f1, w1 = half_network(backbone_name, image_size, 1)  # F1 sees L only
+        self.f2, w2 = half_network(backbone_name, image_size, 2)  # F2 sees ab only
+        self.head1 = Head(self.f1, w1, image_size, 1, ab_outputs)  # -> ab
+        self.head2 = Head(self.f2, w2, image_size, 2, l_outputs)  # -> L
+        self.width = w1 + w2
+
+    def forward(self, lab):  # (N, 3, H, W) scaled Lab -> (ab prediction from L, L prediction from ab)
+        X1, X2 = lab[:, :1], lab[:, 1:]  # the split of the input channels
+        return self.head1(common.feature_map(self.f1, X1)), self.head2(common.feature_map(self.f2, X2))
+
+
+class SplitBrainEncoder(nn.Module):
+    """What the evaluation protocol sees: RGB in [0, 1] -> Lab -> [F1(L), F2(ab)] concatenated."""
+
+    def __init__(self, model: SplitBrain):
+        super().__init__()
+        self.f1, self.f2 = model.f1, model.f2
+
+    def forward(self, x):
+        lab = lab_input(x)
+        return torch.cat([self.f1(lab[:, :1]), self.f2(lab[:, 1:])], dim=1)
+
+
+def decode(out1, out2, bins, args):
+    """Predictions -> (ab in Lab units, L in [0, 100]) at the heads' resolution."""
+    if args.loss == "classification":  # the most likely bin
+        ab = bins.to(out1)[out1.argmax(1)].permute(0, 3, 1, 2)
+        L = (out2.argmax(1, keepdim=True).float() + 0.5) * 100 / args.l_bins
+    else:
+        ab, L = out1 * 100, (out2 + 1) * 50
+    return ab, L
+
+
+@torch.no_grad()
+def save_grid(model, dataset, bins, args, device, path, n: int = 8):
+    """Rows: original; L with F1's ab (L -> ab); true ab at L = 50 (F2's input); F2's L with the true ab."""
+    import torchvision.utils as vutils
+    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
+    was_training = model.training
+    model.eval()
+    lab = common.rgb_to_lab(x)
+    ab_hat, L_hat = decode(*model(lab_input(x)), bins, args)
+    size = x.shape[-2:]
+    ab_hat, L_hat = F.interpolate(ab_hat, size=size, mode="bilinear"), F.interpolate(L_hat, size=size, mode="bilinear")
+    rows = [x, common.lab_to_rgb(torch.cat([lab[:, :1], ab_hat], 1)),
+            common.lab_to_rgb(torch.cat([torch.full_like(lab[:, :1], 50), lab[:, 1:]], 1)),
+            common.lab_to_rgb(torch.cat([L_hat, lab[:, 1:]], 1))]
+    model.train(was_training)
+    vutils.save_image(torch.cat(rows), path, nrow=n, padding=1)
+
+
+@torch.no_grad()
+def test_errors(model, dataset, bins, args, device, batch_size=256):
+    """Mean absolute errors of the decoded ab (from L) and L (from ab) on the test split."""
+    model.eval()
+    ab_err = l_err = count = 0.0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = common.to_float(images, device)
+        out1, out2 = model(lab_input(x))
+        ab_hat, L_hat = decode(out1, out2, bins, args)
+        lab = F.adaptive_avg_pool2d(common.rgb_to_lab(x), ab_hat.shape[-2:])
+        ab_err += (ab_hat - lab[:, 1:]).abs().mean().item() * len(x)
+        l_err += (L_hat - lab[:, :1]).abs().mean().item() * len(x)
+        count += len(x)
+    model.train()
+    return ab_err / count, l_err / count
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    if args.loss not in ("classification", "regression"):
+        common.fail(f"--loss must be classification or regression, not {args.loss}")
+    if args.l_bins < 2:
+        common.fail(f"--l-bins must be at least 2, not {args.l_bins}")
+    common.check_image_size(args, 16, "heads at a quarter of the image side")
+    run = common.Run(args, "split_brain")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    bins = ab_bins().to(run.device)
+    classify = args.loss == "classification"
+    model = run.prepare(SplitBrain(args.backbone, args.image_size, len(bins) if classify else 2,
+                                   args.l_bins if classify else 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    run.print(f"F1: L -> ab over {len(bins)} bins; F2: ab -> L over {args.l_bins} bins; "
+              f"representation width {common.unwrap(model).width}")
+
+    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    parts = {"model": model, "optimizer": optimizer}
+    step = run.resume(parts)
+    model.train()
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= last_step:
+            break
+        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
+            lr = common.cosine_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = run.to_device(images)
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
+            lab = lab_input(x)  # (N, 3, H, W): L, a, b scaled
+            with run.autocast():
+                out1, out2 = model(run.format(lab))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
+            out1, out2 = out1.float(), out2.float()
+            target = F.adaptive_avg_pool2d(common.rgb_to_lab(x), out1.shape[-2:])  # Lab at the heads' size
+            if classify:
+                loss1 = F.cross_entropy(out1, ab_classes(target[:, 1:], bins))  # L -> ab
+                loss2 = F.cross_entropy(out2, l_classes(target[:, :1], args.l_bins))  # ab -> L
+            else:
+                loss1 = F.mse_loss(out1, target[:, 1:] / 100)
+                loss2 = F.mse_loss(out2, target[:, :1] / 50 - 1)
+            loss = loss1 + loss2
+            run.check_finite(loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            run.log(step, last_step, epoch, len(images), force=step == last_step,
+                    loss_ab=loss1.item(), loss_L=loss2.item(), lr=lr)
+            if run.should_stop():
+                run.interrupted(run.state(parts, step))
+            if step >= last_step:
+                break
+        run.save_checkpoint(run.state(parts, step))
+        if run.is_main:
+            save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
+
+    net = common.unwrap(model)
+    run.save_encoder(nn.ModuleDict({"f1": net.f1, "f2": net.f2}))
+    if not run.is_main:
+        return run.close()
+    ab_err, l_err = test_errors(net, data.test, bins, args, run.device)
+    results = {"pretext_ab_error": ab_err, "pretext_L_error": l_err, "steps": step}
+    run.print(f"test split: mean |ab error| from L {ab_err:.2f}, mean |L error| from ab {l_err:.2f} "
+              f"(grid: {run.out / 'grid.png'})")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random = SplitBrain(args.backbone, args.image_size, 2, 1)
+        results.update(common.evaluate(SplitBrainEncoder(net), SplitBrainEncoder(random), data, run.device,
+                                       args.workers))
+    run.finish(results)
+    return results
+
+
+def main(argv=None):
+    return train(common.parse_args(Args, argv, __doc__))
+
+
+if __name__ == "__main__":
+    main()

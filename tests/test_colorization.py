@@ -1,0 +1,109 @@
+"""colorization.py: ab bins, soft encoding, rebalancing, annealed mean, and the script."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import colorization as col
+import common
+from conftest import ROOT, script_env
+from test_rotation import tiny
+
+
+@pytest.fixture(scope="module")
+def bins():
+    return col.ab_bins()
+
+
+def test_bins_are_on_the_grid_and_in_gamut(bins):
+    assert bins.shape[1] == 2 and 200 < len(bins) < 320
+    assert torch.equal(bins, (bins / 10).round() * 10)  # multiples of 10
+    assert len(torch.unique(bins, dim=0)) == len(bins)
+    as_set = {tuple(b) for b in bins.tolist()}
+    red = common.rgb_to_lab(torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)).flatten()  # a = 80.1, b = 67.2
+    assert (0.0, 0.0) in as_set and (80.0, 70.0) in as_set
+    assert (-110.0, 110.0) not in as_set and (100.0, 100.0) not in as_set  # far outside sRGB
+    # Every bin's cell holds a colour that is really in the sRGB gamut.
+    for a, b in bins[::17].tolist():
+        lab = torch.tensor([[L, a, b] for L in range(1, 100)], dtype=torch.float32).view(-1, 3, 1, 1)
+        back = common.rgb_to_lab(common.lab_to_rgb(lab)).flatten(1)  # clipping moves out-of-gamut colours
+        assert ((back[:, 1:] - torch.tensor([a, b])).abs().max(1).values <= 5.5).any()
+
+
+def test_soft_encoding_sums_to_one_and_peaks_at_the_nearest_bin(bins):
+    torch.manual_seed(0)
+    ab = (torch.rand(2, 2, 3, 3) - 0.5) * 120
+    Z = col.soft_encode(ab, bins, k=5, sigma=5.0)
+    assert Z.shape == (2, len(bins), 3, 3)
+    assert torch.allclose(Z.sum(1), torch.ones(2, 3, 3))
+    assert ((Z > 0).sum(1) == 5).all()
+    for n in range(2):
+        for i in range(3):
+            for j in range(3):
+                d = ((bins - ab[n, :, i, j]) ** 2).sum(1)
+                assert Z[n, :, i, j].argmax() == d.argmin()
+                q1, q2 = Z[n, :, i, j].topk(2).indices  # Gaussian weights: ratio exp(-(d1 - d2) / 2 sigma^2)
+                ratio = Z[n, q1, i, j] / Z[n, q2, i, j]
+                assert ratio.item() == pytest.approx(math.exp(-(d[q1] - d[q2]).item() / 50), rel=1e-4)
+
+
+def test_rebalancing_weights_have_prior_mean_one_and_favour_rare_bins():
+    prior = torch.tensor([0.7, 0.2, 0.09, 0.01])
+    w = col.rebalance_weights(prior, lam=0.5)
+    assert (prior * w).sum().item() == pytest.approx(1.0)
+    assert (w[1:] > w[:-1]).all()  # rarer, heavier
+    # By hand: ((1 - 0.5) p + 0.5 / 4) ** -1, then scaled.
+    raw = (0.5 * prior + 0.125) ** -1
+    assert torch.allclose(w, raw / (prior * raw).sum())
+    assert torch.allclose(col.rebalance_weights(prior, lam=1.0), torch.ones(4))  # lambda = 1: no rebalancing
+
+
+def test_prior_is_a_smoothed_distribution(bins):
+    ab = torch.zeros(1, 2, 4, 4)
+    ab[..., :2] = 40.0
+    prior = col.colour_prior([ab], bins)
+    assert prior.sum().item() == pytest.approx(1.0) and (prior > 0).sum() > 2  # smoothed beyond the 2 hit bins
+    top = bins[prior.topk(2).indices].tolist()
+    assert sorted(map(tuple, top)) == [(0.0, 0.0), (40.0, 40.0)]
+
+
+def test_annealed_mean_is_the_mean_at_t1_and_tends_to_the_mode(bins):
+    torch.manual_seed(0)
+    logits = torch.randn(2, len(bins), 2, 2) * 3
+    p = torch.softmax(logits, 1)
+    mean = torch.einsum("nqhw,qc->nchw", p, bins)
+    assert torch.allclose(col.annealed_mean(logits, bins, T=1.0), mean, atol=1e-4)
+    mode = bins[logits.argmax(1)].permute(0, 3, 1, 2)
+    assert torch.allclose(col.annealed_mean(logits, bins, T=0.01), mode, atol=0.5)
+    t38 = col.annealed_mean(logits, bins, T=0.38)
+    assert ((t38 - mode).abs().mean() < (mean - mode).abs().mean())  # in between
+
+
+def test_end_to_end_saves_the_grid_and_the_prior(tiny_folder, tmp_path):
+    col.main(tiny(tiny_folder, tmp_path, "--epochs", "2"))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("knn_top1", "linear_top1", "random_knn_top1", "random_linear_top1"):
+        assert 0.0 <= saved[key] <= 1.0
+    prior = torch.load(tmp_path / "prior.pt", weights_only=True)
+    assert prior["prior"].sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert (tmp_path / "grid.png").is_file()
+    col.main(tiny(tiny_folder, tmp_path / "reg", "--max-steps", "2", "--loss", "regression", "--no-eval"))
+
+
+def test_a_short_run_beats_grey(tmp_path):
+    """60 steps: the decoded colours are closer to the truth than no colour at all."""
+    r = col.main(["--out", str(tmp_path), "--max-steps", "60", "--no-eval", "--log-every", "0"])
+    x = common.make_shapes(500, 32, seed=1)[0].float() / 255
+    ab = col.split_lab(x)[1]
+    grey_error = torch.nn.functional.adaptive_avg_pool2d(ab, 8).abs().mean().item()
+    assert r["pretext_ab_error"] < 0.9 * grey_error
+
+
+def test_two_process_torchrun(tiny_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "colorization.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

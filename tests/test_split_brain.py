@@ -1,0 +1,74 @@
+"""split_brain.py: the split of channels and network, the targets, and the script."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import split_brain as sb
+from conftest import ROOT, script_env
+from test_rotation import tiny
+
+
+def test_each_half_sees_only_its_own_channels():
+    """F1's output has no gradient with respect to ab, F2's none with respect to L."""
+    torch.manual_seed(0)
+    model = sb.SplitBrain("small", 32, ab_outputs=7, l_outputs=5).eval()
+    lab = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out1, out2 = model(lab)
+    (g1,) = torch.autograd.grad(out1.sum(), lab)
+    (g2,) = torch.autograd.grad(out2.sum(), lab)
+    assert g1[:, 1:].abs().max() == 0 and g1[:, :1].abs().max() > 0
+    assert g2[:, :1].abs().max() == 0 and g2[:, 1:].abs().max() > 0
+    assert out1.shape == (2, 7, 8, 8) and out2.shape == (2, 5, 8, 8)
+
+
+def test_halves_are_half_as_wide_and_the_representation_concatenates_them():
+    model = sb.SplitBrain("small", 32, 7, 5)
+    full, width = common.build_backbone("small", 32)
+    assert model.width == width == 128
+    assert sum(p.numel() for p in model.f1.parameters()) < 0.3 * sum(p.numel() for p in full.parameters())
+    feats = sb.SplitBrainEncoder(model).eval()(torch.rand(3, 3, 32, 32))
+    assert feats.shape == (3, 128)
+
+
+def test_targets_are_the_nearest_ab_bin_and_the_l_bin():
+    bins = sb.ab_bins()
+    torch.manual_seed(0)
+    ab = (torch.rand(2, 2, 3, 3) - 0.5) * 150
+    classes = sb.ab_classes(ab, bins)
+    for n in range(2):
+        for i in range(3):
+            for j in range(3):
+                d = ((bins - ab[n, :, i, j]) ** 2).sum(1)
+                assert classes[n, i, j] == d.argmin()
+    L = torch.tensor([0.0, 1.99, 2.0, 50.0, 99.9, 100.0]).view(1, 1, 1, 6)
+    assert sb.l_classes(L, 50).flatten().tolist() == [0, 0, 1, 25, 49, 49]
+
+
+def test_end_to_end_and_regression(tiny_folder, tmp_path):
+    sb.main(tiny(tiny_folder, tmp_path, "--epochs", "2"))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("knn_top1", "linear_top1", "random_knn_top1", "random_linear_top1"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert (tmp_path / "grid.png").is_file()
+    encoder = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert any(k.startswith("f1.") for k in encoder) and any(k.startswith("f2.") for k in encoder)
+    sb.main(tiny(tiny_folder, tmp_path / "reg", "--max-steps", "2", "--loss", "regression", "--no-eval"))
+
+
+def test_a_short_run_predicts_lightness_from_colour(tmp_path):
+    r = sb.main(["--out", str(tmp_path), "--max-steps", "60", "--no-eval", "--log-every", "0"])
+    x = common.make_shapes(500, 32, seed=1)[0].float() / 255
+    L = torch.nn.functional.adaptive_avg_pool2d(common.rgb_to_lab(x)[:, :1], 8)
+    constant_error = (L - L.mean()).abs().mean().item()  # always guessing the mean lightness
+    assert r["pretext_L_error"] < 0.7 * constant_error
+
+
+def test_two_process_torchrun(tiny_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "split_brain.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
