@@ -720,7 +720,7 @@ class SmallResNet(nn.Module):
     Same attribute names as torchvision's ResNet (conv1, bn1, relu, maxpool,
     layer1..4, avgpool, fc), so code that walks a torchvision ResNet walks this
     too. The 3x3 stem has stride 2: at 32 px that is 4x cheaper than the CIFAR
-    stem and trains at ~1800 images/s on two CPU cores (widths 16..128)."""
+    stem, which keeps the CPU defaults within a few minutes (widths 16..128)."""
 
     def __init__(self, widths=(16, 32, 64, 128)):
         super().__init__()
@@ -919,8 +919,8 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.cuda = self.device.type == "cuda"
         self.amp = args.amp and self.cuda
-        # channels_last: faster convolutions on CUDA, and measured 1.25x faster for the
-        # small backbone on CPU too (benchmarks); MPS gains nothing from it.
+        # channels_last: faster convolutions on CUDA, and faster for the
+        # small backbone on CPU too (measured by hand; issue 7 adds a benchmark); MPS gains nothing from it.
         self.channels_last = self.device.type in ("cuda", "cpu")
         # Each process gets its own seed so augmentations differ between processes;
         # the weights still start equal, since DDP copies rank 0's weights to all.

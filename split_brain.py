@@ -57,10 +57,14 @@ def l_classes(L: torch.Tensor, l_bins: int) -> torch.Tensor:
     return (L[:, 0] / 100 * l_bins).long().clamp(0, l_bins - 1)
 
 
-def lab_input(x: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] -> Lab scaled to about [-1, 1] per channel: (N, 3, H, W)."""
-    lab = common.rgb_to_lab(x)
+def scale_lab(lab: torch.Tensor) -> torch.Tensor:
+    """Lab (N, 3, H, W) -> scaled to about [-1, 1] per channel, the networks' input."""
     return torch.cat([lab[:, :1] / 50 - 1, lab[:, 1:] / 100], dim=1)
+
+
+def lab_input(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> scaled Lab: (N, 3, H, W)."""
+    return scale_lab(common.rgb_to_lab(x))
 
 
 # ---------------------------------------------------------------------------
@@ -202,11 +206,11 @@ def train(args: Args):
                 group["lr"] = lr
             x = run.to_device(images)
             x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
-            lab = lab_input(x)  # (N, 3, H, W): L, a, b scaled
+            lab = common.rgb_to_lab(x)  # (N, 3, H, W): L, a, b
             with run.autocast():
-                out1, out2 = model(run.format(lab))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
+                out1, out2 = model(run.format(scale_lab(lab)))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
             out1, out2 = out1.float(), out2.float()
-            target = F.adaptive_avg_pool2d(common.rgb_to_lab(x), out1.shape[-2:])  # Lab at the heads' size
+            target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
             if classify:
                 loss1 = F.cross_entropy(out1, ab_classes(target[:, 1:], bins))  # L -> ab
                 loss2 = F.cross_entropy(out2, l_classes(target[:, :1], args.l_bins))  # ab -> L
