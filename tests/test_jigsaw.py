@@ -101,8 +101,8 @@ def test_a_short_run_learns(tmp_path):
 
 
 def test_too_small_image_size_is_one_line(tmp_path):
-    proc = run_script("jigsaw.py", "--image-size", "48", "--out", str(tmp_path))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs at least 54 px" in proc.stderr
+    proc = run_script("jigsaw.py", "--image-size", "40", "--out", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs at least 42 px" in proc.stderr
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
