@@ -101,8 +101,9 @@ def parse_args(cls, argv=None, doc: str | None = None):
             parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name, ""),
                                 metavar=f.name.upper())
     args = cls(**vars(parser.parse_args(argv)))
-    if args.dataset not in DATASETS:
-        fail(f"unknown dataset '{args.dataset}' (choose from {', '.join(DATASETS)})")
+    datasets = getattr(cls, "DATASETS", DATASETS)  # a method with other data (videos) names its own
+    if args.dataset not in datasets:
+        fail(f"unknown dataset '{args.dataset}' (choose from {', '.join(datasets)})")
     if args.backbone not in BACKBONES:
         fail(f"unknown backbone '{args.backbone}' (choose from {', '.join(BACKBONES)})")
     for name in ("epochs", "batch_size", "image_size"):
