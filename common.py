@@ -945,6 +945,7 @@ class Run:
         self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._meter, self._last_print, self._start = {}, time.time(), time.time()
         self._images_since = 0
+        self._images_total, self._train_end = 0, None  # for the training throughput in eval.json
         self.print(f"{method}: device {self.device}, {self.world} process(es), run folder {self.out}")
 
     # -- printing and logging ---------------------------------------------------
@@ -974,7 +975,8 @@ class Run:
             s, n = self._meter.get(k, (0.0, 0))
             self._meter[k] = (s + float(v), n + 1)
         self._images_since += images * self.world
-        now = time.time()
+        self._images_total += images * self.world
+        now = self._train_end = time.time()
         if not force and now - self._last_print < self.args.log_every:
             return
         means = {k: s / n for k, (s, n) in self._meter.items()}
@@ -1103,6 +1105,11 @@ class Run:
         """Write eval.json and print the final line beside the random-init baseline."""
         if self.is_main:
             results = {"method": self.method, **results}
+            if self._train_end is not None:  # training only: from the first step (or the resume) to the last
+                seconds = self._train_end - self._start
+                results.update(train_seconds=seconds, train_images_per_s=self._images_total / max(seconds, 1e-9))
+            if self.cuda:
+                results["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
             (self.out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             line = [f"{self.method} done"]
             for key in ("knn_top1", "linear_top1"):

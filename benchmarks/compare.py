@@ -1,0 +1,185 @@
+"""The lecture's question in numbers: every method on the same data, backbone and budget,
+evaluated with the common protocol, in one markdown table.
+
+    python benchmarks/compare.py                          # built-in data, each method's default budget (~25 min, 2 CPU cores)
+    python benchmarks/compare.py --methods rotation simclr --epochs 1
+    python benchmarks/compare.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 2 \\
+        --davis-dir ../shared/data/davis2016-sample --out runs/compare-cifar
+
+Each method runs as its own script (`python <method>.py ...`) in a subprocess: the
+table measures the committed code, a method that fails is reported as failed while
+the rest still run, and the peak memory is that method's own (resident set on the
+CPU, allocated memory on a GPU). Every figure is read from the run's eval.json.
+The image methods share the dataset, backbone, epochs or steps and, with
+--image-size, the image size (otherwise each uses its default: patch location and
+jigsaw need 64 px for their grids). Video colorization trains on videos (the
+built-in ones, or --davis-dir) and gets its own table, with region similarity J.
+Output: <out>/table.md, <out>/results.json, and each run in <out>/<method>/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain", "simclr", "moco")
+METHODS = IMAGE_METHODS[:6] + ("video_colorization",) + IMAGE_METHODS[6:]  # lecture order
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help=f"which methods, in this order (default: all: {' '.join(METHODS)})")
+    p.add_argument("--dataset", default="shapes", help="shapes | cifar10 | cifar100 | stl10 | folder (image methods)")
+    p.add_argument("--data-dir", default="", help="passed to every image method as --data-dir")
+    p.add_argument("--davis-dir", default="", help="DAVIS-layout folder for video colorization "
+                                                   "(default: the built-in videos when --dataset is shapes)")
+    p.add_argument("--backbone", default="small", help="small | resnet18 | resnet50, for every method")
+    p.add_argument("--image-size", type=int, default=0, help="one image size for every method (0: each its default)")
+    p.add_argument("--epochs", type=int, default=0, help="epochs for every method (0: each its default)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop every method after this many steps (0: no limit)")
+    p.add_argument("--extra", default="", help="more options for every method, e.g. '--batch-size 64 --workers 0'")
+    p.add_argument("--out", default="", help="folder for the runs and the table (default: runs/compare-<date>-<time>)")
+    p.add_argument("--timeout", type=float, default=0, help="seconds before a method is stopped and reported failed "
+                                                           "(0: none)")
+    return p.parse_args(argv)
+
+
+def command(method: str, a, out: Path) -> list[str] | str:
+    """The method's command line, or a string saying why it cannot run."""
+    argv = [sys.executable, str(ROOT / f"{method}.py"), "--backbone", a.backbone, "--out", str(out),
+            "--log-every", "30"]
+    if method == "video_colorization":
+        if a.davis_dir:
+            argv += ["--dataset", "davis", "--data-dir", a.davis_dir]
+        elif a.dataset != "shapes":
+            return "skipped: give --davis-dir (videos) for a dataset other than the built-in one"
+    else:
+        argv += ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
+    if a.image_size:
+        argv += ["--image-size", str(a.image_size)]
+    if a.epochs:
+        argv += ["--epochs", str(a.epochs)]
+    if a.max_steps:
+        argv += ["--max-steps", str(a.max_steps)]
+    return argv + a.extra.split()
+
+
+def run_method(method: str, a, out: Path) -> dict:
+    """Run one method's script; its eval.json plus wall time, peak memory and status."""
+    argv = command(method, a, out / method)
+    if isinstance(argv, str):
+        return {"method": method, "status": argv}
+    log = out / f"{method}.log"
+    print(f"[compare] {method}: {' '.join(argv[1:])}", flush=True)
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            # wait4 returns this child's own resource usage, so its peak resident set.
+            _, status, usage = _wait(proc, a.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"method": method, "status": f"failed: stopped after --timeout {a.timeout:g} s (see {log})",
+                    "wall_s": time.time() - start}
+    wall = time.time() - start
+    row = {"method": method, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    code = os.waitstatus_to_exitcode(status)
+    eval_json = out / method / "eval.json"
+    if code != 0 or not eval_json.is_file():
+        lines = log.read_text(errors="replace").strip().splitlines()
+        row["status"] = f"failed (exit {code}): {lines[-1] if lines else 'no output'}"
+        return row
+    row.update(json.loads(eval_json.read_text()))
+    row["status"] = "ok"
+    return row
+
+
+def _wait(proc, timeout: float):
+    if not timeout:
+        return os.wait4(proc.pid, 0)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        time.sleep(0.5)
+    raise subprocess.TimeoutExpired(proc.args, timeout)
+
+
+def _pretext(r: dict) -> str:
+    if "pretext_top1" in r:
+        return f"accuracy {r['pretext_top1']:.3f}"
+    if "pretext_hole_mse" in r:
+        return f"hole MSE {r['pretext_hole_mse']:.4f}"
+    if "pretext_L_error" in r:
+        return f"ab error {r['pretext_ab_error']:.2f}, L error {r['pretext_L_error']:.2f}"
+    if "pretext_ab_error" in r:
+        return f"ab error {r['pretext_ab_error']:.2f}"
+    return ""
+
+
+def _cost(r: dict) -> list[str]:
+    memory = f"{r['peak_gpu_memory_mb']:.0f} MB GPU" if "peak_gpu_memory_mb" in r else f"{r['peak_rss_mb']:.0f} MB RSS"
+    return [f"{r.get('train_images_per_s', 0):.0f}", f"{r['wall_s']:.0f} s", memory]
+
+
+def table(rows: list[dict], a) -> str:
+    size = f"{a.image_size} px" if a.image_size else "each method's default size"
+    budget = (f"{a.epochs} epochs" if a.epochs else "each method's default epochs") + \
+        (f", at most {a.max_steps} steps" if a.max_steps else "")
+    lines = [f"Dataset {a.dataset}{' (' + a.data_dir + ')' if a.data_dir else ''}, backbone {a.backbone}, "
+             f"{size}, {budget}{', ' + a.extra if a.extra else ''}.", "",
+             "| method | pretext | kNN | kNN random init | linear | linear random init | gain kNN / linear "
+             "| train images/s | wall time | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    video = []
+    for r in rows:
+        if r["method"] == "video_colorization":
+            video.append(r)
+            continue
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |  |  |")
+            continue
+        gain = f"{r['knn_top1'] - r['random_knn_top1']:+.3f} / {r['linear_top1'] - r['random_linear_top1']:+.3f}"
+        lines.append("| " + " | ".join([r["method"], _pretext(r), f"{r['knn_top1']:.3f}", f"{r['random_knn_top1']:.3f}",
+                                        f"{r['linear_top1']:.3f}", f"{r['random_linear_top1']:.3f}", gain,
+                                        *_cost(r)]) + " |")
+    if video:
+        lines += ["", "| method | colour accuracy | J | J random init | J first mask copied | gain over random init "
+                      "| train clips/s | wall time | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in video:
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |  |")
+                continue
+            lines.append("| " + " | ".join([
+                f"{r['method']} ({r['videos']} videos, {r['objects']} objects)", f"{r['pretext_top1']:.3f}",
+                f"{r['J']:.3f}", f"{r['J_random_init']:.3f}", f"{r['J_copy_first']:.3f}",
+                f"{r['J'] - r['J_random_init']:+.3f}", *_cost(r)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    a = parse(argv)
+    out = Path(a.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in a.methods:
+        rows.append(run_method(method, a, out))
+        (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")  # kept if stopped midway
+        print(f"[compare] {method}: {rows[-1]['status']}", flush=True)
+    text = table(rows, a)
+    (out / "table.md").write_text(text)
+    print(text, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

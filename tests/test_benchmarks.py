@@ -1,0 +1,40 @@
+"""benchmarks/compare.py: runs the methods' own scripts and tabulates their eval.json."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, script_env
+
+
+def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/compare.py", "--methods", "rotation", "jigsaw", "video_colorization",
+         "--dataset", "folder", "--data-dir", str(tiny_folder), "--image-size", "32", "--max-steps", "2",
+         "--extra", "--batch-size 16 --workers 0", "--out", str(out)],
+        cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "table.md").read_text()
+    assert text in proc.stdout
+    lines = text.splitlines()
+    assert lines[0].startswith("Dataset folder") and "32 px" in lines[0] and "at most 2 steps" in lines[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"method", "rotation", "jigsaw", "video_colorization"}
+    assert "skipped: give --davis-dir" in rows["video_colorization"]  # videos, off the built-in data
+
+    # rotation: every figure in its row is read from its own eval.json.
+    saved = json.loads((out / "rotation" / "eval.json").read_text())
+    cells = [c.strip() for c in rows["rotation"].strip("|").split("|")]
+    assert cells[1] == f"accuracy {saved['pretext_top1']:.3f}"
+    assert cells[2:6] == [f"{saved[k]:.3f}" for k in ("knn_top1", "random_knn_top1", "linear_top1",
+                                                        "random_linear_top1")]
+    assert cells[6] == (f"{saved['knn_top1'] - saved['random_knn_top1']:+.3f} / "
+                        f"{saved['linear_top1'] - saved['random_linear_top1']:+.3f}")
+    assert float(cells[7]) == round(saved["train_images_per_s"]) and saved["steps"] == 2
+    assert cells[9].endswith("MB RSS") and float(cells[9].split()[0]) > 50  # torch alone takes more
+
+    # jigsaw's 14 px tiles do not fit 32 px images: failed, with the method's own one-line reason.
+    assert "failed (exit 2): error: --image-size 32 is too small" in rows["jigsaw"]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["rotation", "jigsaw", "video_colorization"]
+    assert results[2]["status"].startswith("skipped")  # videos need --davis-dir off the built-in data
