@@ -38,3 +38,18 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results] == ["rotation", "jigsaw", "video_colorization"]
     assert results[2]["status"].startswith("skipped")  # videos need --davis-dir off the built-in data
+
+
+def test_efficiency_table_has_a_ratio_per_method(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import efficiency
+    text = efficiency.main(["--methods", "moco", "split_brain", "--steps", "1", "--out", str(tmp_path / "eff.md")])
+    assert (tmp_path / "eff.md").read_text() == text
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| moco") or
+            line.startswith("| split_brain")]
+    assert len(rows) == 2
+    assert rows[0][1].strip() == "256 x 32 px + 256 x 32 px (forward only)"  # queries and keys, batch 256
+    assert rows[1][1].strip() == "128 x 32 px + 128 x 32 px"  # split-brain's two halves
+    for row in rows:
+        ours, bare, ratio = float(row[2]), float(row[3]), float(row[4])
+        assert ours > 0 and bare > 0 and abs(ratio - ours / bare) < 0.01 + 0.01 * ratio

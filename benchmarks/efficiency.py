@@ -1,0 +1,140 @@
+"""Where the time goes: each method's training throughput against its bare backbone's.
+
+    python benchmarks/efficiency.py                      # all nine methods, built-in data, ~5 min on 2 CPU cores
+    python benchmarks/efficiency.py --methods jigsaw moco --steps 30
+    python benchmarks/efficiency.py --device cuda --backbone resnet18   # on a GPU (bf16, channels_last as the methods)
+
+For every method, in one process and one after the other:
+  1. the method's own main() for --steps optimiser steps (no evaluation), its
+     training images/s read from eval.json (source images: one per image, however
+     many views, tiles or patches the pretext task makes of it);
+  2. the bare backbone, forward and backward with SGD, on the tensors the pretext
+     task feeds it per step: 4 rotations, 2 patches, 9 tiles, 2 views (MoCo: the key
+     view forward only), 4 frames of a clip, and so on, at each method's default sizes.
+The ratio method / bare is the share of the time spent in the backbone. Well below 1
+means the pretext data, heads, losses or bookkeeping cost time worth a look.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain",
+           "video_colorization", "simclr", "moco")
+
+
+def bare_workload(method: str, args) -> tuple[list[tuple[int, int, bool]], bool, int]:
+    """What the backbone sees per step: [(images, side, with backward)], half width, image_size for the
+    backbone's stem choice. Sizes come from the method's own defaults."""
+    b, s = args.batch_size, args.image_size
+    if method == "rotation":
+        return [(args.angles * b, s, True)], False, s
+    if method == "patch_location":
+        return [(2 * b, args.patch, True)], False, args.patch
+    if method == "jigsaw":
+        return [(9 * b, args.tile, True)], False, args.tile
+    if method in ("inpainting", "colorization"):
+        return [(b, s, True)], False, s
+    if method == "split_brain":
+        return [(b, s, True), (b, s, True)], True, s  # two half-width networks, one image each
+    if method == "video_colorization":
+        return [((args.ref_frames + 1) * b, args.crop or s, True)], False, s
+    if method == "simclr":
+        return [(2 * b, s, True)], False, s
+    if method == "moco":
+        return [(b, s, True), (b, s, False)], False, s  # queries learn; keys only go forward
+    raise ValueError(method)
+
+
+def bare_throughput(method: str, args, device, steps: int) -> float:
+    """Source images per second of forward + backward + SGD on the backbone alone."""
+    work, half, stem_size = bare_workload(method, args)
+    nets = []
+    for _ in work if half else work[:1]:
+        net, _ = common.build_backbone(args.backbone, stem_size, half=half)
+        if method == "video_colorization":
+            import video_colorization
+            net = video_colorization.dense(net)
+        nets.append(net.to(device).to(memory_format=torch.channels_last).train())
+    params = [p for n in nets for p in n.parameters()]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    batches = [torch.rand(n, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
+               for n, side, _ in work]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = 0
+        for k, (x, (_, _, grad)) in enumerate(zip(batches, work)):
+            net = nets[k if half else 0]
+            with amp, torch.set_grad_enabled(grad):
+                out = (common.feature_map(net, x) if method == "video_colorization" else net(x)).float().mean()
+            loss = loss + out if grad else loss
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):  # warm-up: allocations, cuDNN autotuning
+        step()
+    _sync(device)
+    start = time.time()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return args.batch_size * steps / (time.time() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def method_throughput(method: str, argv: list[str], steps: int) -> float:
+    module = importlib.import_module(method)
+    with tempfile.TemporaryDirectory() as out:
+        module.main([*argv, "--max-steps", str(steps), "--no-eval", "--log-every", "1000", "--out", out])
+        return json.loads((Path(out) / "eval.json").read_text())["train_images_per_s"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
+    p.add_argument("--steps", type=int, default=20, help="timed steps for each method and each bare backbone")
+    p.add_argument("--backbone", default="small")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="", help="also write the table to this markdown file")
+    a = p.parse_args(argv)
+    device = common.pick_device(a.device)
+    lines = [f"Backbone {a.backbone}, device {device}, {a.steps} steps each, each method's default "
+             f"sizes and batch, built-in data.", "",
+             "| method | backbone sees per step | method images/s | bare backbone images/s | ratio |",
+             "|---|---|---|---|---|"]
+    for method in a.methods:
+        module = importlib.import_module(method)
+        argv = ["--backbone", a.backbone, "--device", a.device]
+        args = common.parse_args(module.Args, argv)
+        fed = " + ".join(f"{n} x {side} px{'' if grad else ' (forward only)'}"
+                         for n, side, grad in bare_workload(method, args)[0])
+        bare = bare_throughput(method, args, device, a.steps)
+        ours = method_throughput(method, argv, a.steps)
+        lines.append(f"| {method} | {fed} | {ours:.0f} | {bare:.0f} | {ours / bare:.2f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if a.out:
+        Path(a.out).write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
