@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import inpainting
@@ -98,3 +99,24 @@ def test_two_process_torchrun(tiny_folder, tmp_path):
                            "inpainting.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
                           cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_hole_sharpness_counts_edges_inside_the_hole_only():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    m = torch.zeros(2, 1, 16, 16)
+    m[..., 4:12, 4:12] = 1
+    fill, true = inpainting.hole_sharpness(x, x, m)
+    assert fill == pytest.approx(true) and true > 0
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1)
+    fill, true = inpainting.hole_sharpness(x, blurred, m)
+    assert fill < 0.6 * true  # a blurry fill has weaker edges
+    outside = x.clone()
+    outside[..., :3, :] = torch.rand(2, 3, 3, 16)  # changes outside the hole do not count
+    assert inpainting.hole_sharpness(x, outside, m)[0] == pytest.approx(true)
+    # By hand: a hole of two pixels side by side, values 0 and 1 -> one edge of size 1 per channel.
+    x = torch.zeros(1, 3, 4, 4)
+    x[..., 1, 2] = 1
+    m = torch.zeros(1, 1, 4, 4)
+    m[..., 1, 1:3] = 1
+    assert inpainting.hole_sharpness(x, x, m) == (3.0, 3.0)
