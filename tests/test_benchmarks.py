@@ -53,3 +53,21 @@ def test_efficiency_table_has_a_ratio_per_method(tmp_path):
     for row in rows:
         ours, bare, ratio = float(row[2]), float(row[3]), float(row[4])
         assert ours > 0 and bare > 0 and abs(ratio - ours / bare) < 0.01 + 0.01 * ratio
+
+
+def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import claims
+    extra = f"--dataset folder --data-dir {tiny_folder} --batch-size 16 --workers 0 --max-steps 2"
+    record = claims.main(["--claims", "colorization_loss", "--epoch-scale", "0.1", "--extra", extra,
+                          "--out", str(tmp_path)])
+    text = (tmp_path / "claims.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| classification") or
+            line.startswith("| regression")]
+    assert len(rows) == 2 and "`python colorization.py --loss regression --epochs 1" in rows[1]
+    c = record["colorization_loss"]
+    verdict = [line for line in text.splitlines() if line.startswith("Measured: ")]
+    agrees = c["classification (rebalanced)"]["colourfulness"] > c["regression (L2)"]["colourfulness"]
+    assert len(verdict) == 1 and verdict[0].startswith("Measured: agrees" if agrees else "Measured: disagrees")
+    assert (tmp_path / "colorization_loss-classification.png").is_file()
+    assert (tmp_path / "colorization_loss-regression.png").is_file()
