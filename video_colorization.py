@@ -41,7 +41,7 @@ class Args(common.Args):
     eval_dir: str = ""  # another DAVIS folder to score tracking on (default: --data-dir)
     image_size: int = 64  # frames are resized so the shorter side is this (paper: 256 px); J is measured at this size
     crop: int = 32  # side of the square training crop, the same in every frame of a clip (0, or larger than the frames: whole frames)
-    epochs: int = 2  # sized for the 3-minute CPU budget on the built-in videos
+    epochs: int = 4  # sized for the 3-minute CPU budget on the built-in videos
     batch_size: int = 32  # clips per step (paper: 32)
     lr: float = 1e-3  # Adam (as the paper), warm-up then cosine decay
     weight_decay: float = 0.0
