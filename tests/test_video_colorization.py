@@ -194,3 +194,12 @@ def test_two_process_torchrun_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout and proc.stdout.count("video_colorization done") == 1
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_stopped_run_resumes_with_its_colour_clusters(tmp_path):
+    vc.main(tiny(tmp_path, "--max-steps", "2", "--no-eval"))
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert first["step"] == 2 and first["centres"].shape == (16, 2)
+    vc.main(tiny(tmp_path, "--max-steps", "4", "--no-eval", "--resume", str(tmp_path)))
+    second = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert second["step"] == 4 and torch.equal(second["centres"], first["centres"])
