@@ -27,38 +27,51 @@ import common  # noqa: E402
 # claim -> (what the lecture says, [(row label, method, flags)], verdict(results by label) -> str)
 
 
-def _best(results: dict, key: str = "knn_top1") -> str:
+METRICS = (("knn_top1", "kNN"), ("linear_top1", "linear"))
+
+
+def _best(results: dict, key: str) -> str:
     return max(results, key=lambda label: results[label][key])
 
 
+def _on_both(holds: dict, claim: str) -> str:
+    """holds: metric name -> (bool, detail). The verdict over kNN and linear accuracy."""
+    yes = [name for name, (ok, _) in holds.items() if ok]
+    details = "; ".join(f"{name}: {detail}" for name, (_, detail) in holds.items())
+    if len(yes) == len(holds):
+        return f"agrees: {claim} ({details})"
+    if yes:
+        return f"partly: {claim} holds for {' and '.join(yes)} only ({details})"
+    return f"disagrees: {claim} does not hold ({details})"
+
+
 def _rotation(r):
-    best = _best(r)
-    return "agrees: 4 angles give the best kNN accuracy" if best == "4 angles" else \
-        f"disagrees: {best} give the best kNN accuracy, not 4"
+    return _on_both({name: (_best(r, key) == "4 angles", f"best {_best(r, key)}") for key, name in METRICS},
+                    "4 angles are best")
 
 
 def _simclr(r):
-    both = r["crop + colour"]["knn_top1"]
-    alone = max(r["crop"]["knn_top1"], r["colour"]["knn_top1"])
-    if both > alone:
-        return f"agrees: crop + colour beats either alone (kNN {both:.3f} against {alone:.3f})"
-    return f"disagrees: crop + colour ({both:.3f}) does not beat the best single augmentation ({alone:.3f})"
+    holds = {}
+    for key, name in METRICS:
+        both, alone = r["crop + colour"][key], max(r["crop"][key], r["colour"][key])
+        holds[name] = (both > alone, f"{both:.3f} against {alone:.3f} for the better one alone")
+    return _on_both(holds, "crop + colour beats either alone")
 
 
 def _queue(r):
-    knn = [r[label]["knn_top1"] for label in r]
-    if all(a < b for a, b in zip(knn, knn[1:])):
-        return "agrees: kNN accuracy grows with the number of negatives"
-    return "disagrees: kNN accuracy does not grow steadily with the number of negatives (" + \
-        ", ".join(f"{label}: {v['knn_top1']:.3f}" for label, v in r.items()) + ")"
+    holds = {}
+    for key, name in METRICS:
+        values = [v[key] for v in r.values()]
+        holds[name] = (all(a < b for a, b in zip(values, values[1:])), " < ".join(f"{v:.3f}" for v in values))
+    return _on_both(holds, "accuracy grows with the number of negatives")
 
 
 def _momentum(r):
-    best = _best(r)
-    slow = r["m = 0.99"]["knn_top1"], r["m = 0.999"]["knn_top1"]
-    if best in ("m = 0.99", "m = 0.999") and max(slow) > r["m = 0"]["knn_top1"]:
-        return f"agrees: a slow key encoder ({best}) is best; m = 0 is worse"
-    return f"disagrees: {best} is best at this budget"
+    holds = {}
+    for key, name in METRICS:
+        best = _best(r, key)
+        holds[name] = (best in ("m = 0.99", "m = 0.999") and r[best][key] > r["m = 0"][key], f"best {best}")
+    return _on_both(holds, "a slow key encoder (m = 0.99 or 0.999) is best")
 
 
 def _inpainting(r):
@@ -77,10 +90,8 @@ def _colour(r):
 
 def _split_brain(r):
     s, c = r["split-brain"], r["colorization"]
-    if s["linear_top1"] > c["linear_top1"] and s["knn_top1"] > c["knn_top1"]:
-        return "agrees: split-brain's features beat colorization's (kNN and linear)"
-    return (f"disagrees: split-brain kNN {s['knn_top1']:.3f} / linear {s['linear_top1']:.3f} against colorization "
-            f"{c['knn_top1']:.3f} / {c['linear_top1']:.3f}")
+    return _on_both({name: (s[key] > c[key], f"{s[key]:.3f} against {c[key]:.3f}") for key, name in METRICS},
+                    "split-brain's features beat colorization's")
 
 
 CLAIMS = {
@@ -121,6 +132,21 @@ def _pretext(r: dict) -> str:
             yield f"{name} {r[key]:{fmt}}"
 
 
+def render(record: dict) -> str:
+    """The markdown tables, one per claim, each with its verdict."""
+    text = []
+    for claim, results in record.items():
+        says, _, verdict = CLAIMS[claim]
+        lines = [f"### {claim}", "", f"Lecture: {says}", "",
+                 "| run | command | pretext | kNN | kNN random init | linear | linear random init |",
+                 "|---|---|---|---|---|---|---|"]
+        for label, r in results.items():
+            lines.append(f"| {label} | `{r['command']}` | {', '.join(_pretext(r))} | {r['knn_top1']:.3f} | "
+                         f"{r['random_knn_top1']:.3f} | {r['linear_top1']:.3f} | {r['random_linear_top1']:.3f} |")
+        text += lines + ["", f"Measured: {verdict(results)}.", ""]
+    return "\n".join(text) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS), metavar="CLAIM",
@@ -129,13 +155,20 @@ def main(argv=None):
                    help="each method's default epochs times this (rounded up), for a quicker or longer sweep")
     p.add_argument("--extra", default="", help="more options for every run, e.g. '--dataset folder --data-dir DIR'")
     p.add_argument("--out", default="", help="folder for the runs and tables (default: runs/claims-<date>-<time>)")
+    p.add_argument("--render", action="store_true", help="train nothing: rewrite <out>/claims.md from "
+                                                          "<out>/results.json (after a change to the verdicts)")
     a = p.parse_args(argv)
     out = Path(a.out or f"runs/claims-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if a.render:
+        record = json.loads((out / "results.json").read_text())
+        (out / "claims.md").write_text(render(record))
+        print(render(record), flush=True)
+        return record
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, dict] = {}  # (method, flags) -> results; a row shared by two claims runs once
-    text, record = [], {}
+    record = {}
     for claim in a.claims:
-        says, rows, verdict = CLAIMS[claim]
+        _, rows, _ = CLAIMS[claim]
         results = {}
         for label, method, flags in rows:
             module = importlib.import_module(method)
@@ -151,18 +184,10 @@ def main(argv=None):
             grid = Path(done[key]["folder"]) / "grid.png"
             if grid.is_file():  # the pictures behind the inpainting and colorization claims
                 shutil.copy(grid, out / f"{claim}-{label.split(' (')[0].replace(' ', '_').replace('+', 'and')}.png")
-        lines = [f"### {claim}", "", f"Lecture: {says}", "",
-                 "| run | command | pretext | kNN | kNN random init | linear | linear random init |",
-                 "|---|---|---|---|---|---|---|"]
-        for label, r in results.items():
-            lines.append(f"| {label} | `{r['command']}` | {', '.join(_pretext(r))} | {r['knn_top1']:.3f} | "
-                         f"{r['random_knn_top1']:.3f} | {r['linear_top1']:.3f} | {r['random_linear_top1']:.3f} |")
-        lines += ["", f"Measured: {verdict(results)}.", ""]
-        text += lines
         record[claim] = results
-        print("\n".join(lines), flush=True)
-        (out / "claims.md").write_text("\n".join(text) + "\n")
+        (out / "claims.md").write_text(render(record))  # kept, table by table, if stopped midway
         (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(render({claim: results}), flush=True)
     return record
 
 

@@ -71,3 +71,5 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     assert len(verdict) == 1 and verdict[0].startswith("Measured: agrees" if agrees else "Measured: disagrees")
     assert (tmp_path / "colorization_loss-classification.png").is_file()
     assert (tmp_path / "colorization_loss-regression.png").is_file()
+    claims.main(["--render", "--out", str(tmp_path)])  # rebuilt from results.json alone: the same tables
+    assert (tmp_path / "claims.md").read_text() == text
