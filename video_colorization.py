@@ -156,10 +156,11 @@ def clip_loss(model, clip: torch.Tensor, centres: torch.Tensor, temperature: flo
     distribution (B, h*w, K), the target's cluster ids (B, h*w))."""
     b, nf = clip.shape[:2]
     L, ab = split_lab(clip.flatten(0, 1))
-    ctx = run.autocast() if run is not None else torch.autocast("cpu", enabled=False)
-    with ctx:
-        f = model(run.format(L) if run is not None else L)
-    f = f.float()
+    if run is None:  # evaluation: plain float32, default memory layout
+        f = model(L).float()
+    else:
+        with run.autocast():
+            f = model(run.format(L)).float()
     h, w = f.shape[-2:]
     ids = quantise(F.adaptive_avg_pool2d(ab, (h, w)), centres).view(b, nf, h * w)  # colours at feature resolution
     f = f.view(b, nf, *f.shape[1:])
@@ -197,7 +198,8 @@ def propagate_masks(feats: torch.Tensor, first_mask: torch.Tensor, num_objects: 
     onehot = F.one_hot(first_mask.long(), k).permute(2, 0, 1).float()  # (K, H, W)
     labels = [F.adaptive_avg_pool2d(onehot[None], (h, w))[0].flatten(1).T]  # frame 0: (h*w, K)
     f = feats.flatten(2).transpose(1, 2)  # (T, h*w, E)
-    near = _neighbourhood(h, w, radius, feats.device) if radius > 0 else None
+    # Locations out of reach, for the largest reference set (first frame + window), built once.
+    far = ~_neighbourhood(h, w, radius, feats.device).repeat(1, window + 1) if radius > 0 else None
     out = [first_mask.long()]
     for t in range(1, t_all):
         refs = [0] + [s for s in range(max(1, t - window), t)]
@@ -206,8 +208,8 @@ def propagate_masks(feats: torch.Tensor, first_mask: torch.Tensor, num_objects: 
         # Rows are target locations j here (the transpose of copy_colors' A), so the
         # softmax over the reference locations i runs along contiguous memory.
         logits = (f[t] @ f_ref.T) / temperature  # (h*w, R*h*w): f_i . f_j / T
-        if near is not None:
-            logits = logits.masked_fill(~near.repeat(1, len(refs)), float("-inf"))
+        if far is not None:
+            logits = logits.masked_fill(far[:, :f_ref.shape[0]], float("-inf"))
         if 0 < topk < f_ref.shape[0]:
             kth = logits.topk(topk, dim=1).values[:, -1:]  # the k-th largest per target location
             logits = logits.masked_fill(logits < kth, float("-inf"))
