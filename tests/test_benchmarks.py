@@ -73,3 +73,17 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     assert (tmp_path / "colorization_loss-regression.png").is_file()
     claims.main(["--render", "--out", str(tmp_path)])  # rebuilt from results.json alone: the same tables
     assert (tmp_path / "claims.md").read_text() == text
+
+
+def test_profile_rows_are_this_methods_steps_largest_first():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import efficiency
+    rows = efficiency.profile_steps("rotation", ["--backbone", "small", "--device", "cpu", "--batch-size", "16"], 2)
+    cells = [row.strip("|").split("|") for row in rows]
+    assert cells[0][0].strip() == "rotation" and cells[0][1].strip() == "all operators"
+    total, ms = float(cells[0][2]), [float(c[2]) for c in cells[1:]]
+    assert len(ms) == 12 and ms == sorted(ms, reverse=True) and 0 < sum(ms) <= total + 0.1
+    names = [c[1].strip() for c in cells[1:]]
+    # Only training steps: the backbone's convolutions lead; data generation (bicubic noise) is setup, left out.
+    assert any("convolution" in n for n in names[:3])
+    assert not any("upsample_bicubic" in n for n in names)
