@@ -895,6 +895,12 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def uses_channels_last(device: torch.device) -> bool:
+    """Whether models and inputs go channels_last on this device: faster convolutions on
+    CUDA, and faster for the small backbone on CPU too (measured by hand); MPS gains nothing."""
+    return device.type in ("cuda", "cpu")
+
+
 def format_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -920,9 +926,7 @@ class Run:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.cuda = self.device.type == "cuda"
         self.amp = args.amp and self.cuda
-        # channels_last: faster convolutions on CUDA, and faster for the
-        # small backbone on CPU too (measured by hand; issue 7 adds a benchmark); MPS gains nothing from it.
-        self.channels_last = self.device.type in ("cuda", "cpu")
+        self.channels_last = uses_channels_last(self.device)
         # Each process gets its own seed so augmentations differ between processes;
         # the weights still start equal, since DDP copies rank 0's weights to all.
         torch.manual_seed(args.seed + self.rank)

@@ -62,7 +62,7 @@ def bare_workload(method: str, args) -> tuple[list[tuple[int, int, bool]], bool,
 def bare_throughput(method: str, args, device, steps: int) -> float:
     """Source images per second of forward + backward + SGD on the backbone alone."""
     work, half, stem_size = bare_workload(method, args)
-    layout = torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format  # as common.Run
+    layout = torch.channels_last if common.uses_channels_last(device) else torch.contiguous_format
     nets = []
     for _ in work if half else work[:1]:
         net, _ = common.build_backbone(args.backbone, stem_size, half=half)
@@ -131,7 +131,7 @@ def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> li
 
         common.Run.log = log_and_step
         try:
-            method_throughput(method, argv, WARM + 1 + steps + 1)
+            method_throughput(method, argv, WARM + 1 + steps)  # the last step's run.log closes the window
         finally:
             common.Run.log = log
     # us -> ms; a step's own range (ProfilerStep#n) keeps the time no operator covers: Python
@@ -173,8 +173,9 @@ def main(argv=None):
         lines += ["", f"Per step, by operator (CPU self time under torch.profiler, which adds its own overhead; "
                   f"{a.steps} steps):", "", "| method | operator | ms per step | share |", "|---|---|---|---|"]
         for method in a.methods:
-            lines += profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
-            print("\n".join(lines[-13:]), flush=True)
+            rows = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
+            lines += rows
+            print("\n".join(rows), flush=True)
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if a.out:
