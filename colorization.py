@@ -208,49 +208,39 @@ def train(args: Args):
     model = run.prepare(ColorizationNet(backbone, width, args.image_size, outputs))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    total_steps = args.epochs * len(loader)
     parts = {"model": model, "optimizer": optimizer}
-    step = run.resume(parts)
+
+    def redraw():  # grid.png after every epoch, to watch the pretext task being learned
+        save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
+
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            lr = common.cosine_lr(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = run.to_device(images)
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
-            L, ab = split_lab(x)  # (N, 1, H, W), (N, 2, H, W)
-            ab = F.adaptive_avg_pool2d(ab, model_out_size(model))  # targets at the output size, H/4
-            with run.autocast():
-                out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
-            if args.loss == "classification":
-                Z = soft_encode(ab, bins)  # soft targets: (N, Q, h, w)
-                v = weights[Z.argmax(1)]  # v(Z_hw) = w of the pixel's nearest bin: (N, h, w)
-                # L_cl = -sum_hw v(Z_hw) sum_q Z_hwq log Zhat_hwq (paper eq. 2), averaged over pixels
-                loss = -(v * (Z * F.log_softmax(out, dim=1)).sum(1)).mean()
-            else:
-                loss = F.mse_loss(out, ab / 100)  # ab scaled to about [-1, 1]
-            run.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            run.log(step, last_step, epoch, len(images), force=step == last_step, loss=loss.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
-        if run.is_main:
-            save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
+    for step, (images, _) in run.steps(loader, parts, epoch_end=redraw):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
+        x = run.to_device(images)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
+        L, ab = split_lab(x)  # (N, 1, H, W), (N, 2, H, W)
+        ab = F.adaptive_avg_pool2d(ab, model_out_size(model))  # targets at the output size, H/4
+        with run.autocast():
+            out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
+        if args.loss == "classification":
+            Z = soft_encode(ab, bins)  # soft targets: (N, Q, h, w)
+            v = weights[Z.argmax(1)]  # v(Z_hw) = w of the pixel's nearest bin: (N, h, w)
+            # L_cl = -sum_hw v(Z_hw) sum_q Z_hwq log Zhat_hwq (paper eq. 2), averaged over pixels
+            loss = -(v * (Z * F.log_softmax(out, dim=1)).sum(1)).mean()
+        else:
+            loss = F.mse_loss(out, ab / 100)  # ab scaled to about [-1, 1]
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.log(len(images), loss=loss.item(), lr=lr)
 
     net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
-    results = {**test_ab_error(net, data.test, bins, args, run.device), "steps": step, "num_bins": len(bins)}
+    results = {**test_ab_error(net, data.test, bins, args, run.device), "steps": run.step, "num_bins": len(bins)}
     run.print(f"mean |ab error| on the test split: {results['pretext_ab_error']:.2f}, colourfulness (chroma of "
               f"the output / the original's): {results['colourfulness']:.3f} (grid: {run.out / 'grid.png'})")
     if args.eval:
@@ -267,8 +257,8 @@ def model_out_size(model) -> int:
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

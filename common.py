@@ -15,12 +15,15 @@ import argparse
 import dataclasses
 import datetime
 import inspect
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -57,11 +60,21 @@ class Args:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     seed: int = 0  # seed for initialisation, data order and augmentation
     amp: bool = True  # bf16 autocast on CUDA; ignored on other devices
-    out: str = ""  # run folder; default runs/<method>-<date>-<time>, or the --resume folder
-    resume: str = ""  # run folder to continue from its checkpoint.pt (same command, same or more epochs)
+    out: str = ""  # run folder of a new run (never one that holds a checkpoint); default runs/<method>-<date>-<time>
+    resume: str = ""  # continue the run in this folder with its own options: a bare --resume DIR is enough
     max_steps: int = 0  # stop after this many optimiser steps in all (0: no limit); for quick runs and tests
+    save_every: float = 30.0  # minutes between checkpoints inside an epoch (0: only at epoch ends and on a signal)
     eval: bool = True  # evaluate the encoder at the end (kNN and linear probe, trained and random init)
     log_every: float = 5.0  # seconds between progress lines
+
+
+MAX_IMAGE_SIZE = 1024
+# Options that must be above zero; every other number must not be negative.
+_POSITIVE = ("epochs", "batch_size", "image_size", "lr", "temperature", "track_temperature")
+# --resume: options that may differ from the run's without changing what a step computes
+# (--epochs only upward: a longer schedule), and options that belong to one command, not to the run.
+RESUME_MAY_CHANGE = ("epochs", "workers", "log_every", "eval", "device", "save_every", "download")
+_PER_COMMAND = ("resume", "out", "max_steps")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -88,36 +101,154 @@ def _field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def parse_args(cls, argv=None, doc: str | None = None):
-    """Build an argparse command line from the dataclass `cls` and parse argv into it."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _build_parser(cls, doc: str | None, given_only: bool = False) -> argparse.ArgumentParser:
+    """The command line of `cls`; given_only: without defaults, so it returns only what was typed."""
     helps = _field_comments(cls)
     parser = _Parser(description=doc, formatter_class=_Formatter)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        default = argparse.SUPPRESS if given_only else f.default
+        text = helps.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name, ""))
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name, ""),
+            parser.add_argument(_flag(f.name), type=type(f.default), default=default, help=text,
                                 metavar=f.name.upper())
-    args = cls(**vars(parser.parse_args(argv)))
+    return parser
+
+
+def parse_args(cls, argv=None, doc: str | None = None):
+    """Build an argparse command line from the dataclass `cls` and parse argv into it.
+
+    With --resume DIR the options are the run's own (its checkpoint holds them); options
+    typed beside it must equal the run's or be among RESUME_MAY_CHANGE."""
+    args = cls(**vars(_build_parser(cls, doc).parse_args(argv)))
+    if args.resume:
+        given = vars(_build_parser(cls, doc, given_only=True).parse_args(argv))
+        args = _resumed_args(cls, args, given)
+    _check_args(cls, args)
+    return args
+
+
+def _check_args(cls, args):
     datasets = getattr(cls, "DATASETS", DATASETS)  # a method with other data (videos) names its own
     if args.dataset not in datasets:
         fail(f"unknown dataset '{args.dataset}' (choose from {', '.join(datasets)})")
     if args.backbone not in BACKBONES:
         fail(f"unknown backbone '{args.backbone}' (choose from {', '.join(BACKBONES)})")
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            fail(f"{_flag(f.name)} must be a finite number, not {value}")
+        if f.name in _POSITIVE and value <= 0:
+            fail(f"{_flag(f.name)} must be {'at least 1' if isinstance(value, int) else 'above 0'}, not {value}")
+        if value < 0:
+            fail(f"{_flag(f.name)} must not be negative, not {value}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        fail(f"--image-size {args.image_size} is larger than the {MAX_IMAGE_SIZE} px this code supports "
+             f"(ImageNet training uses 224)")
+    pick_device(args.device)  # an unknown or absent device fails now, not after the data is loaded
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint.pt, or a one-line error saying why it cannot be read."""
+    if not path.is_file():
+        fail(f"--resume {path.parent}: no checkpoint.pt in that folder")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, corrupt, not a checkpoint: torch raises several types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"{path} cannot be read ({reason}); checkpoints are written atomically, so a damaged one "
+             f"comes from outside (an interrupted copy, a full disk)")
+
+
+def _resumed_args(cls, args, given: dict):
+    """The run's own options (from its checkpoint), plus the per-command ones and the allowed
+    changes from this command line. Any other difference is an error naming each option."""
+    saved = read_checkpoint(Path(args.resume) / "checkpoint.pt", mmap=True).get("args", {})
+    names = {f.name for f in fields(cls)}
+    base = {**dataclasses.asdict(cls()), **{k: v for k, v in saved.items() if k in names}}
+    for name in _PER_COMMAND:
+        base[name] = getattr(args, name)
+    refused, changed = [], {}
+    for name, value in given.items():
+        if name in _PER_COMMAND or value == base[name]:
+            continue
+        if name in RESUME_MAY_CHANGE and not (name == "epochs" and value < base[name]):
+            changed[name] = [base[name], value]
+            base[name] = value
+        else:
+            refused.append(f"{_flag(name)} {value} (the run has {base[name]})")
+    if refused:
+        fail(f"--resume {args.resume} continues that run with its own options, and these would change it: "
+             f"{'; '.join(refused)}. Drop them, or start a new run with --out "
+             f"(a resume may change {', '.join(_flag(n) for n in RESUME_MAY_CHANGE)}; --epochs only upward)")
+    resumed = cls(**base)
+    resumed.changed_on_resume = changed  # not a field: Run writes it into config.json's "resumes"
+    return resumed
 
 
 # ---------------------------------------------------------------------------
 # Errors: bad input is one line on stderr and exit code 2, never a traceback
 # ---------------------------------------------------------------------------
+class RunError(Exception):
+    """Bad input (exit code 2), or a run that cannot go on (a diverged loss: exit code 1).
+
+    main(argv) raises it for a Python caller to catch; on the command line, cli() prints
+    the message as one line on stderr and exits with the code."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended the run after it saved what was worth saving (exit code
+    128 + signal). A KeyboardInterrupt, not an Exception, so a sweep's `except Exception`
+    does not swallow it and go on to the next run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+    raise RunError(message, code)
+
+
+def _leave(signum, frame):
+    raise Stopped(signum)
+
+
+def cli(main):
+    """Run a script's main() as a command: a RunError is one line on stderr and its exit
+    code; a stop by SIGINT/SIGTERM exits 128 + signal; neither prints a traceback."""
+    signal.signal(signal.SIGTERM, _leave)  # outside a Run (parsing, importing): leave at once
+    try:
+        main()
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.code)
+    except Stopped as e:
+        raise SystemExit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside a Run
+        raise SystemExit(128 + signal.SIGINT)
+
+
+def run_main(train, cls, argv=None, doc: str | None = None):
+    """parse_args, then train(args). Whatever happens, the Run that train opened is closed:
+    signal handlers restored, log file closed, process group destroyed."""
+    args = parse_args(cls, argv, doc)
+    try:
+        return train(args)
+    finally:
+        for run in list(_OPEN_RUNS):
+            run.close()
 
 
 def check_image_size(args, minimum: int, why: str):
@@ -419,19 +550,26 @@ def _resize_in_chunks(images: torch.Tensor, size: int, chunk: int = 2000) -> tor
     return torch.cat([_resize_square(images[i:i + chunk], size) for i in range(0, len(images), chunk)])
 
 
-def read_image(path, size: int) -> torch.Tensor:
-    """One image file as RGB uint8 (3, size, size); raises OSError if unreadable."""
+def read_image(path) -> torch.Tensor:
+    """One image file as RGB uint8 (3, H, W). Raises what PIL raises for a file it cannot
+    decode: OSError (unreadable, truncated, not an image), DecompressionBombError (more
+    pixels than PIL's guard allows), SyntaxError or ValueError (malformed)."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        return _resize_square(pil_to_tensor(im).unsqueeze(0), size)[0]
+        return pil_to_tensor(im.convert("RGB"))
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 class FolderImages(Dataset):
-    """Images under class subfolders (ImageFolder layout), decoded on access.
-
-    An unreadable file is skipped with a warning: the next readable image is returned."""
+    """Images under class subfolders (ImageFolder layout), decoded and resized on access,
+    for folders too large to keep in memory. Every file's header was read when the folder
+    was (check_files); a file that fails here is damaged past its header and comes back as
+    a black image with a warning, never as a copy of another image."""
 
     def __init__(self, samples: list[tuple[str, int]], size: int):
         self.samples, self.size = samples, size
@@ -440,19 +578,80 @@ class FolderImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        for j in range(len(self.samples)):
-            path, label = self.samples[(i + j) % len(self.samples)]
-            try:
-                return read_image(path, self.size), torch.tensor(label)
-            except OSError as e:
-                warnings.warn(f"skipping unreadable image {path}: {e}")
-        fail("no readable images in the dataset")
+        path, label = self.samples[i]
+        try:
+            x = _resize_square(read_image(path).unsqueeze(0), self.size)[0]
+        except Exception as e:  # any decoding failure of this one file
+            warnings.warn(f"{path} cannot be decoded ({_why(e)}); a black image stands in for it")
+            x = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        return x, torch.tensor(label)
 
-    def to_memory(self, workers: int) -> TensorImages:
-        """Decode every image once (in parallel) and keep the uint8 tensors."""
-        loader = DataLoader(self, batch_size=256, num_workers=workers)
-        xs, ys = zip(*loader)
-        return TensorImages(torch.cat(xs), torch.cat(ys))
+
+class _Decoded(Dataset):
+    """Decoding of one file: (image (3, size, size) uint8 or None, label, its shorter side
+    before resizing, what went wrong or "")."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int):
+        self.samples, self.size = samples, size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            x = read_image(path)
+        except Exception as e:  # reported once, by the caller, with the count
+            return None, label, 0, f"{path} ({_why(e)})"
+        return _resize_square(x.unsqueeze(0), self.size)[0], label, min(x.shape[-2:]), ""
+
+
+def _as_list(batch):
+    return batch
+
+
+def decode_to_memory(samples: list[tuple[str, int]], size: int, workers: int):
+    """Decode every file once (in `workers` processes) and keep the uint8 images.
+    Returns (TensorImages of the readable ones, problems: one line per unreadable file,
+    number of images smaller than `size`)."""
+    images, labels, problems, small = [], [], [], 0
+    for batch in DataLoader(_Decoded(samples, size), batch_size=64, num_workers=workers, collate_fn=_as_list):
+        for x, label, side, problem in batch:
+            if problem:
+                problems.append(problem)
+                continue
+            images.append(x)
+            labels.append(label)
+            small += side < size
+    empty = torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return TensorImages(torch.stack(images) if images else empty, torch.tensor(labels, dtype=torch.long)), \
+        problems, small
+
+
+def _header(path: str) -> tuple[int, str]:
+    """(shorter side, problem) from the file's header, without decoding its pixels."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:  # also PIL's decompression-bomb guard
+            return min(im.size), ""
+    except Exception as e:
+        return 0, f"{path} ({_why(e)})"
+
+
+def check_files(samples: list[tuple[str, int]], size: int):
+    """Read every file's header (threads: it is all file opening). Returns (the samples
+    whose header reads, problems: one line per other file, number smaller than `size`)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(16) as pool:
+        headers = list(pool.map(_header, [path for path, _ in samples]))
+    kept = [s for s, (_, problem) in zip(samples, headers) if not problem]
+    return kept, [p for _, p in headers if p], sum(0 < side < size for side, _ in headers)
+
+
+def _say(message: str):
+    """Print on the first process only (data is loaded before a Run's print is at hand)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
 
 
 def _scan_folder(root: Path):
@@ -516,11 +715,27 @@ def _load_folder(args) -> ImageData:
         fail(f"no images found in {root} (expected <class>/<image> files, or train/<class>/ and test/<class>/)")
     if not test:
         fail(f"no test images found in {root}")
-    sets = [FolderImages(s, args.image_size) for s in (train, test)]
-    if (len(train) + len(test)) * 3 * args.image_size ** 2 <= _CACHE_BYTES:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"decoding {len(train) + len(test)} images from {root} into memory ...", flush=True)
-        sets = [s.to_memory(min(args.workers, os.cpu_count() or 1)) for s in sets]
+    size, total = args.image_size, len(train) + len(test)
+    in_memory = total * 3 * size ** 2 <= _CACHE_BYTES
+    _say(f"{'decoding' if in_memory else 'checking'} {total} image files from {root} "
+         f"{'into memory' if in_memory else '(too many to keep in memory: decoded as they are used)'} ...")
+    sets, problems, small = [], [], 0
+    for split, samples in (("train", train), ("test", test)):
+        if in_memory:
+            data, bad, few = decode_to_memory(samples, size, min(args.workers, os.cpu_count() or 1))
+        else:
+            kept, bad, few = check_files(samples, size)
+            data = FolderImages(kept, size)
+        if len(data) == 0:
+            fail(f"none of the {len(samples)} {split} image files in {root} can be read (first: {bad[0]})")
+        sets.append(data)
+        problems += bad
+        small += few
+    if problems:  # skipped, so the dataset shrinks; never replaced by another image
+        _say(f"skipped {len(problems)} of {total} image files that cannot be read; the first: {problems[0]}")
+    if small:
+        _say(f"{small} of {total - len(problems)} images are smaller than --image-size {size} on their shorter "
+             f"side and are upscaled")
     return ImageData(sets[0], sets[0], sets[1], tuple(classes))
 
 
@@ -563,10 +778,12 @@ def read_mask(path) -> torch.Tensor:
 
 
 def load_davis(root, size: int | None = None, videos: list[str] | None = None, resolution: str = "480p"):
-    """DAVIS-layout videos: {name: (frames (T, 3, H, W) uint8, masks (T, H, W) uint8 or None)}.
+    """DAVIS-layout videos: {name: (frames (T, 3, H, W) uint8, masks uint8 or None)}.
 
-    With `size`, frames and masks are resized so the shorter side is `size` (masks with
-    nearest neighbour, so ids stay ids)."""
+    masks: (T, H, W) when every frame is annotated (DAVIS 2016/2017 train and val);
+    (1, H, W) when only the first frame is (the DAVIS-2017 test-dev layout: enough to
+    propagate, not to score); None without annotations. With `size`, frames and masks
+    are resized so the shorter side is `size` (masks with nearest neighbour, so ids stay ids)."""
     root = Path(root)
     frame_root = root / "JPEGImages" / resolution
     if not frame_root.is_dir():
@@ -577,11 +794,16 @@ def load_davis(root, size: int | None = None, videos: list[str] | None = None, r
         files = sorted(p for p in (frame_root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             fail(f"no frames in {frame_root / name}")
-        frames = torch.stack([_read_rgb(p) for p in files])
+        frames = torch.stack(_same_size([_read_or_fail(read_image, p) for p in files], frame_root / name))
         mask_dir = root / "Annotations" / resolution / name
+        paths = [mask_dir / (p.stem + ".png") for p in files]
         masks = None
-        if mask_dir.is_dir():
-            masks = torch.stack([read_mask(mask_dir / (p.stem + ".png")) for p in files])
+        if all(q.is_file() for q in paths):
+            masks = torch.stack(_same_size([_read_or_fail(read_mask, q) for q in paths], mask_dir))
+        elif paths[0].is_file():
+            masks = _read_or_fail(read_mask, paths[0])[None]
+        if masks is not None and masks.shape[-2:] != frames.shape[-2:]:
+            fail(f"the masks in {mask_dir} are {tuple(masks.shape[-2:])} px, the frames {tuple(frames.shape[-2:])}")
         if size is not None:
             h, w = frames.shape[-2:]
             shape = (round(h * size / min(h, w)), round(w * size / min(h, w)))
@@ -592,11 +814,19 @@ def load_davis(root, size: int | None = None, videos: list[str] | None = None, r
     return out
 
 
-def _read_rgb(path) -> torch.Tensor:
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-    with Image.open(path) as im:
-        return pil_to_tensor(im.convert("RGB"))
+def _read_or_fail(read, path):
+    try:
+        return read(path)
+    except Exception as e:  # a video with a broken frame cannot be used as a video
+        fail(f"cannot read {path} ({_why(e)})")
+
+
+def _same_size(images: list[torch.Tensor], where: Path) -> list[torch.Tensor]:
+    sizes = sorted({tuple(x.shape[-2:]) for x in images})
+    if len(sizes) > 1:
+        fail(f"the images in {where} differ in size ({', '.join(f'{h}x{w}' for h, w in sizes[:3])}); "
+             f"a video's frames must all have one size")
+    return images
 
 
 # ---------------------------------------------------------------------------
@@ -881,7 +1111,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     except RuntimeError:
         fail(f"unknown device '{name}' (auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for, but no CUDA GPU is available")
+        fail(f"--device {name} asked for, but no CUDA GPU is available (try --device auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"--device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        fail(f"--device mps asked for, but MPS (Apple silicon) is not available here (try --device auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name} is not supported (auto, cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -895,6 +1131,13 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int = 0) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every parameter group's learning rate; returns it, for the progress line."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def uses_channels_last(device: torch.device) -> bool:
     """Whether models and inputs go channels_last on this device: faster convolutions on
     CUDA, and faster for the small backbone on CPU too (measured by hand); MPS gains nothing."""
@@ -906,24 +1149,44 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-class Run:
-    """One training run: where it runs, what it prints, what it saves.
+_OPEN_RUNS: list = []  # Runs not closed yet; run_main closes them, whatever happened
 
-    Single process when started with `python`, one process per GPU (or CPU
-    worker) under `torchrun`; only rank 0 prints and writes files."""
+
+class _Sampler(DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `skip` indices, so a
+    run resumed in the middle of an epoch does not even read the batches it trained on."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+class Run:
+    """One training run: where it runs, what it prints, what it saves, when it stops.
+
+    Single process when started with `python`, one process per GPU (or CPU worker)
+    under `torchrun`; only rank 0 prints and writes files. The training loop is
+    `for step, batch in run.steps(loader, parts)`: that iterator resumes, saves
+    checkpoints and stops on a signal, so the loop body holds the method alone."""
 
     def __init__(self, args, method: str):
         self.args, self.method = args, method
+        self._old_handlers, self._log_file = {}, None  # close() may run before __init__ is through
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.distributed = self.world > 1
         self.is_main = self.rank == 0
         self.device = pick_device(args.device, self.local_rank)
+        self.resume_from = Path(args.resume) if args.resume else None
+        self._resume_state = self._read_resume_state() if args.resume else None
+        self.out = self._check_out()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        _OPEN_RUNS.append(self)  # from here on, run_main closes this run whatever happens
         self.cuda = self.device.type == "cuda"
         self.amp = args.amp and self.cuda
         self.channels_last = uses_channels_last(self.device)
@@ -931,149 +1194,275 @@ class Run:
         # the weights still start equal, since DDP copies rank 0's weights to all.
         torch.manual_seed(args.seed + self.rank)
 
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.out = Path(args.out or args.resume or f"runs/{method}-{stamp}")
-        if self.distributed and not (args.out or args.resume):
-            holder = [str(self.out)]
-            dist.broadcast_object_list(holder, src=0)  # one folder for all processes
-            self.out = Path(holder[0])
+        if not self.out:
+            self.out = self._new_folder()
         self.checkpoint_path = self.out / "checkpoint.pt"
-        if args.resume and not self.checkpoint_path.is_file():
-            fail(f"--resume {args.resume}: no checkpoint.pt in that folder")
+        self._saved = (self._resume_state["step"], self.resume_from) if self._resume_state else None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
-        self._log_file = open(self.out / "log.jsonl", "a") if self.is_main else None
+            self._write_config()
+            copy_log = self.resume_from and self.out.resolve() != self.resume_from.resolve()
+            if copy_log and (self.resume_from / "log.jsonl").is_file():
+                shutil.copyfile(self.resume_from / "log.jsonl", self.out / "log.jsonl")
+            # A new run owns its folder: a log left by a run that never saved a checkpoint goes.
+            self._log_file = open(self.out / "log.jsonl", "a" if args.resume else "w")
 
-        self.stop_signal = 0
-        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.step = self.epoch = 0
+        self.stop_signal, self._in_steps = 0, False
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._meter, self._last_print, self._start = {}, time.time(), time.time()
-        self._images_since = 0
+        self._images_since, self._first_step = 0, 0
         self._images_total, self._train_end = 0, None  # for the training throughput in eval.json
         self.print(f"{method}: device {self.device}, {self.world} process(es), run folder {self.out}")
+
+    # -- the run folder -----------------------------------------------------------
+    def _read_resume_state(self) -> dict:
+        state = read_checkpoint(self.resume_from / "checkpoint.pt")
+        if state.get("method", self.method) != self.method:
+            fail(f"--resume {self.resume_from} holds a {state['method']} run, not a {self.method} run")
+        if state.get("world", self.world) != self.world:
+            fail(f"--resume {self.resume_from}: that run had {state['world']} process(es), this one has {self.world}; "
+                 f"the global batch and the data order depend on it (torchrun --nproc_per_node={state['world']})")
+        return state
+
+    def _check_out(self) -> Path | None:
+        """The run folder when it is given (None: make a new one), refusing one that holds
+        another run's checkpoint before anything is written."""
+        args = self.args
+        if args.resume:
+            out = Path(args.out or args.resume)
+            if out.resolve() != self.resume_from.resolve() and (out / "checkpoint.pt").exists():
+                fail(f"--out {out} holds another run's checkpoint; to continue {args.resume} in a new folder, "
+                     f"give --out a folder without one")
+            return out
+        if args.out:
+            if (Path(args.out) / "checkpoint.pt").exists():
+                fail(f"--out {args.out} holds a run already (checkpoint.pt); continue it with --resume {args.out}, "
+                     f"or choose another --out")
+            return Path(args.out)
+        return None
+
+    def _new_folder(self) -> Path:
+        """runs/<method>-<date>-<time>, with -2, -3, ... if runs started in the same second."""
+        holder = [""]
+        if self.is_main:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            for n in itertools.count(1):
+                out = Path("runs") / (f"{self.method}-{stamp}" + (f"-{n}" if n > 1 else ""))
+                try:
+                    out.mkdir(parents=True)
+                    break
+                except FileExistsError:
+                    continue
+            holder = [str(out)]
+        if self.distributed:
+            dist.broadcast_object_list(holder, src=0)  # one folder for all processes
+        return Path(holder[0])
+
+    def _write_config(self):
+        """config.json: the options of the run, written once. A resume appends what it
+        changed to the list "resumes" instead of rewriting the record."""
+        path, options = self.out / "config.json", dataclasses.asdict(self.args)
+        if not self.args.resume:
+            config = {**options, "world_size": self.world}
+        else:
+            old = self.resume_from / "config.json"
+            config = json.loads(old.read_text()) if old.is_file() else dict(self._resume_state.get("args", {}))
+            entry = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "at_step": self._resume_state["step"],
+                     "changed": getattr(self.args, "changed_on_resume", {})}
+            if self.out.resolve() != self.resume_from.resolve():
+                entry["from"] = str(self.resume_from)
+            config.setdefault("resumes", []).append(entry)
+        _write_atomic(path, lambda f: f.write_text(json.dumps(config, indent=2) + "\n"))
 
     # -- printing and logging ---------------------------------------------------
     def print(self, *a, **k):
         if self.is_main:
             print(*a, **k, flush=True)
 
-    def _on_signal(self, signum, frame):
-        if self.stop_signal:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.stop_signal = signum
-        self.print(f"\nsignal {signum}: saving a checkpoint after this step ...")
-
-    def should_stop(self) -> bool:
-        """True once any process got SIGINT/SIGTERM; all processes agree, so none waits in a collective."""
-        flag = self.stop_signal
-        if self.distributed:
-            t = torch.tensor([flag], device=self.device if self.device.type != "mps" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        self.stop_signal = flag
-        return bool(flag)
-
-    def log(self, step: int, total_steps: int, epoch: int, images: int, force: bool = False, **metrics):
-        """Accumulate this step's metrics; print and write a log line every args.log_every seconds."""
+    def log(self, images: int, **metrics):
+        """Accumulate this step's metrics; print and write a log line every --log-every
+        seconds and at the last step."""
+        step = self.step + 1  # steps done, this one included
         for k, v in metrics.items():
             s, n = self._meter.get(k, (0.0, 0))
             self._meter[k] = (s + float(v), n + 1)
         self._images_since += images * self.world
         self._images_total += images * self.world
         now = self._train_end = time.time()
-        if not force and now - self._last_print < self.args.log_every:
+        if step != self.last_step and now - self._last_print < self.args.log_every:
             return
         means = {k: s / n for k, (s, n) in self._meter.items()}
         rate = self._images_since / max(now - self._last_print, 1e-9)
         elapsed = now - self._start
-        eta = elapsed / max(step - self._first_step, 1) * (total_steps - step) if hasattr(self, "_first_step") else 0
-        record = {"epoch": epoch + 1, "step": step, **means, "images_per_s": rate, "elapsed_s": elapsed}
-        parts = [f"epoch {epoch + 1}/{self.args.epochs}", f"step {step}/{total_steps}"]
+        eta = elapsed / max(step - self._first_step, 1) * (self.last_step - step)
+        record = {"epoch": self.epoch + 1, "step": step, **means, "images_per_s": rate, "elapsed_s": elapsed}
+        parts = [f"epoch {self.epoch + 1}/{self.args.epochs}", f"step {step}/{self.last_step}"]
         parts += [f"{k} {v:.4g}" for k, v in means.items()]
         parts += [f"{rate:.0f} img/s", f"left {format_seconds(eta)}"]
         self.print(" | ".join(parts))
+        self._write_log(record)
+        self._meter, self._images_since, self._last_print = {}, 0, now
+
+    def _write_log(self, record: dict):
         if self._log_file:
             self._log_file.write(json.dumps(record) + "\n")
             self._log_file.flush()
-        self._meter, self._images_since, self._last_print = {}, 0, now
 
-    def start_steps(self, step: int):
-        """Mark where counting starts (after a resume) for the time-left estimate."""
-        self._first_step, self._start, self._last_print = step, time.time(), time.time()
-
-    def check_finite(self, loss: torch.Tensor, step: int):
+    def check_finite(self, loss: torch.Tensor):
+        """Stop (exit code 1) when the loss is NaN or infinite, before it reaches the weights.
+        Checkpoints are only written from finite weights, so the one kept is good."""
         if not torch.isfinite(loss).item():
-            kept = f"the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path.is_file() else "no checkpoint was saved yet"
-            fail(f"the loss became {loss.item()} at step {step}; stopping ({kept}). Try a lower --lr.", code=1)
+            fail(f"the loss became {loss.item()} at step {self.step + 1}; stopping, {self._kept()}. "
+                 f"Try a lower --lr.", code=1)
+
+    # -- the training loop's plumbing ---------------------------------------------
+    def steps(self, loader: DataLoader, parts: dict, epoch_end=None):
+        """Yield (step, batch) from where the run is (0, or the checkpoint's step after
+        --resume) to the end of training or --max-steps; `step` counts the optimiser steps
+        before this batch. `parts` (name -> model, optimiser or tensor) is what a checkpoint
+        holds. Between steps: the checkpoint at each epoch end, every --save-every minutes,
+        at the end and before leaving on SIGINT/SIGTERM; epoch_end() after each epoch and at
+        the end, on the first process."""
+        self.steps_per_epoch = len(loader)
+        self.total_steps = self.args.epochs * self.steps_per_epoch
+        self.last_step = min(self.total_steps, self.args.max_steps) if self.args.max_steps else self.total_steps
+        step = self.step = self._restore(parts)
+        self.epoch = min(step // self.steps_per_epoch, self.args.epochs - 1)
+        self._first_step, self._start, self._last_print = step, time.time(), time.time()
+        self._last_save = time.time()
+        self._in_steps = True  # a first signal now waits for the end of the step
+        try:
+            while step < self.last_step:
+                self.epoch, skip = divmod(step, self.steps_per_epoch)
+                for batch in self._batches(loader, self.epoch, skip):
+                    yield step, batch
+                    step = self.step = step + 1
+                    stop, due = self._flags()
+                    epoch_done = step % self.steps_per_epoch == 0
+                    if stop or due or epoch_done or step == self.last_step:
+                        self._save(parts)
+                    if stop:
+                        break
+                    if (epoch_done or step == self.last_step) and epoch_end is not None and self.is_main:
+                        epoch_end()
+                    if step >= self.last_step:
+                        break
+                if self.stop_signal:
+                    break
+        finally:
+            self._in_steps = False
+        if self.stop_signal:  # also one that came during the last epoch_end()
+            self.print(f"stopped at step {step}; continue with: python {self.method}.py --resume {self.out}")
+            raise Stopped(self.stop_signal)
+        if self.distributed:  # training is over: leave the group together; rank 0 evaluates alone
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def _batches(self, loader: DataLoader, epoch: int, skip: int):
+        """The epoch's batches in the sampler's order for `epoch`, from batch `skip` on."""
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = skip * loader.batch_size
+        # Worker seeds come from the loader's generator: make them depend on (seed, rank, epoch)
+        # alone, so a resumed epoch's workers draw what the uninterrupted run's drew.
+        loader.generator.manual_seed((self.args.seed * 1_000_003 + epoch) * 1009 + self.rank)
+        try:
+            yield from loader
+        finally:
+            loader.sampler.skip = 0
+
+    def _flags(self) -> tuple[int, bool]:
+        """(signal to stop on or 0, whether a --save-every checkpoint is due), agreed by all
+        processes so that none waits in a collective the others left."""
+        due = self.args.save_every > 0 and time.time() - self._last_save >= 60 * self.args.save_every
+        if not self.distributed:
+            return self.stop_signal, due
+        t = torch.tensor([self.stop_signal, int(due)], device=self.device if self.device.type != "mps" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(t[0])
+        return self.stop_signal, bool(t[1])
+
+    def _on_signal(self, signum, frame):
+        if self._in_steps and not self.stop_signal:
+            self.stop_signal = signum
+            self.print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
+                       f"(a second signal stops at once) ...")
+            return
+        # Outside the steps (loading data, evaluating) or a second signal: leave now.
+        self.print(f"\nsignal {signum}: stopping now; {self._kept()}")
+        raise Stopped(signum)
+
+    def _kept(self) -> str:
+        if self._saved is None:
+            return "no checkpoint was saved yet"
+        step, folder = self._saved
+        return f"the checkpoint of step {step} is kept in {folder} (continue with: --resume {folder})"
 
     # -- checkpoints ------------------------------------------------------------
-    def save_checkpoint(self, state: dict):
-        """Write state atomically (temp file, then rename) so a crash never leaves half a file."""
-        if not self.is_main:
-            return
-        state = {**state, "args": dataclasses.asdict(self.args), "rng_cpu": torch.get_rng_state()}
-        if self.cuda:
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+    def _save(self, parts: dict):
+        """The checkpoint dict (each part's state, epoch, step, options, every process's
+        random state), written atomically; never from NaN or infinite weights."""
+        step = self.step
+        if not _all_finite(parts):
+            fail(f"the weights became NaN or infinite by step {step}; they are not saved, {self._kept()}. "
+                 f"Try a lower --lr.", code=1)
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.device)} if self.cuda else {})}
+        rngs = [rng]
+        if self.distributed:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng)
+        if self.is_main:
+            state = {name: part if isinstance(part, torch.Tensor) else unwrap(part).state_dict()
+                     for name, part in parts.items()}
+            state.update(epoch=step // self.steps_per_epoch, step=step, method=self.method, world=self.world,
+                         args=dataclasses.asdict(self.args), rng=rngs)
+            _write_atomic(self.checkpoint_path, lambda f: torch.save(state, f))
+        self._saved, self._last_save = (step, self.out), time.time()
 
-    def schedule(self, loader) -> tuple[int, int, int]:
-        """(steps per epoch, total steps of the lr schedule, step to stop at). --max-steps stops
-        early without shortening the schedule, so a run it stopped can be resumed to the end."""
-        self.steps_per_epoch = len(loader)
-        total = self.steps_per_epoch * self.args.epochs
-        return self.steps_per_epoch, total, min(total, self.args.max_steps) if self.args.max_steps else total
-
-    def resume(self, parts: dict) -> int:
-        """Load --resume's checkpoint into `parts` (name -> model, optimiser or tensor) and
-        return its step; 0 for a fresh run."""
-        state = self.load_checkpoint()
-        step = state["step"] if state else 0
-        for name, part in (parts.items() if state else ()):
-            if isinstance(part, torch.Tensor):
-                part.copy_(state[name])
-            else:
-                unwrap(part).load_state_dict(state[name])
-        self.start_steps(step)
-        return step
-
-    def state(self, parts: dict, step: int) -> dict:
-        """The checkpoint dict: each part's state, the epoch and the step."""
-        saved = {name: part if isinstance(part, torch.Tensor) else unwrap(part).state_dict()
-                 for name, part in parts.items()}
-        return {**saved, "epoch": step // self.steps_per_epoch, "step": step}
-
-    def load_checkpoint(self) -> dict | None:
-        """The checkpoint to resume from (restoring the random state), or None for a fresh run."""
-        if not self.args.resume:
-            return None
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        if self.rank == 0:
-            torch.set_rng_state(state["rng_cpu"])
-            if self.cuda and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-        self.print(f"resumed from {self.checkpoint_path} at step {state['step']}")
-        return state
+    def _restore(self, parts: dict) -> int:
+        """Load --resume's checkpoint into `parts` and this process's random state; its step."""
+        state = self._resume_state
+        if state is None:
+            return 0
+        for name, part in parts.items():
+            if name not in state:
+                fail(f"{self.resume_from / 'checkpoint.pt'} has no '{name}': it was saved by another version "
+                     f"of {self.method}.py")
+            try:
+                part.copy_(state[name]) if isinstance(part, torch.Tensor) else unwrap(part).load_state_dict(state[name])
+            except (RuntimeError, ValueError) as e:
+                fail(f"{self.resume_from / 'checkpoint.pt'}: '{name}' does not fit this model "
+                     f"({str(e).splitlines()[0][:200]})")
+        rngs = state.get("rng") or [{"cpu": state["rng_cpu"], **({"cuda": state["rng_cuda"]} if "rng_cuda" in state else {})}]
+        if self.rank < len(rngs):  # older checkpoints hold rank 0's state only
+            torch.set_rng_state(rngs[self.rank]["cpu"])
+            if self.cuda and "cuda" in rngs[self.rank]:
+                torch.cuda.set_rng_state(rngs[self.rank]["cuda"], self.device)
+        changed = getattr(self.args, "changed_on_resume", {})
+        said = "; changed: " + ", ".join(f"{_flag(k)} {a} -> {b}" for k, (a, b) in changed.items()) if changed else ""
+        self.print(f"resumed {self.resume_from} at step {state['step']} with its own options{said}")
+        self._write_log({"event": "resume", "step": state["step"], "changed": changed})
+        self._resume_state = None
+        return state["step"]
 
     def save_encoder(self, backbone: nn.Module, name: str = "encoder.pt"):
         if self.is_main:
             sd = unwrap(backbone).state_dict()
-            tmp = self.out / (name + ".tmp")
-            torch.save(sd, tmp)
-            os.replace(tmp, self.out / name)
+            _write_atomic(self.out / name, lambda f: torch.save(sd, f))
 
     # -- data, models, end --------------------------------------------------------
     def loader(self, dataset: Dataset, train: bool = True) -> DataLoader:
         """Batches of args.batch_size for this process; the order depends on (seed, epoch) only."""
-        sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=train,
-                                     seed=self.args.seed, drop_last=train)
+        sampler = _Sampler(dataset, num_replicas=self.world, rank=self.rank, shuffle=train,
+                           seed=self.args.seed, drop_last=train)
         workers = self.args.workers if isinstance(dataset, FolderImages) else 0
         if train and len(sampler) < self.args.batch_size:
             fail(f"--batch-size {self.args.batch_size} is larger than the {len(sampler)} training images per process")
-        # The loader's own generator: a DataLoader draws a seed from the generator it has at
-        # every epoch, and drawing from the global one would shift the augmentations of a
-        # resumed run away from those of the uninterrupted run.
+        # The loader's own generator: a DataLoader draws the workers' base seed from the
+        # generator it has at every epoch, and drawing from the global one would shift the
+        # augmentations of a resumed run away from those of the uninterrupted run.
         gen = torch.Generator().manual_seed(self.args.seed + self.rank)
         return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
                           drop_last=train, pin_memory=self.cuda, persistent_workers=workers > 0, generator=gen)
@@ -1098,13 +1487,6 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
-    def interrupted(self, state: dict):
-        """Save and leave after SIGINT/SIGTERM; `--resume` picks up from here."""
-        self.save_checkpoint(state)
-        self.print(f"stopped at step {state['step']}; continue with: --resume {self.out}")
-        self.close()
-        raise SystemExit(128 + self.stop_signal)
-
     def finish(self, results: dict):
         """Write eval.json and print the final line beside the random-init baseline."""
         if self.is_main:
@@ -1114,7 +1496,7 @@ class Run:
                 results.update(train_seconds=seconds, train_images_per_s=self._images_total / max(seconds, 1e-9))
             if self.cuda:
                 results["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-            (self.out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            _write_atomic(self.out / "eval.json", lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
             line = [f"{self.method} done"]
             for key in ("knn_top1", "linear_top1"):
                 if key in results:
@@ -1123,6 +1505,9 @@ class Run:
         self.close()
 
     def close(self):
+        """Restore the signal handlers, close the log, leave the process group. Safe to call twice."""
+        if self in _OPEN_RUNS:
+            _OPEN_RUNS.remove(self)
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}
@@ -1131,6 +1516,21 @@ class Run:
             self._log_file = None
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _write_atomic(path: Path, write):
+    """write(tmp_path), then rename over `path`: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _all_finite(parts: dict) -> bool:
+    """Whether every floating-point weight and buffer of the modules in `parts` is finite (one sync)."""
+    tensors = [t for part in parts.values() if isinstance(part, nn.Module)
+               for t in part.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -1172,15 +1572,6 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0):
-    """The epoch's batches in the sampler's order for `epoch`, after the first `skip`
-    (already trained on before a resume)."""
-    loader.sampler.set_epoch(epoch)
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield batch
 
 
 # ---------------------------------------------------------------------------

@@ -218,59 +218,48 @@ def train(args: Args):
     opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr * 0.1, betas=(0.5, 0.999))
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    total_steps = args.epochs * len(loader)
     parts = {"model": model, "discriminator": disc, "opt_g": opt_g, "opt_d": opt_d}
-    step = run.resume(parts)
     adversarial = args.adv_weight > 0
+
+    def redraw():  # grid.png after every epoch, to watch the pretext task being learned
+        save_grid(common.unwrap(model), data.test, args, run.device, run.out / "grid.png")
+
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            lr = common.cosine_lr(step, total_steps, args.lr)
-            for opt, scale in ((opt_g, 1.0), (opt_d, 0.1)):
-                for group in opt.param_groups:
-                    group["lr"] = lr * scale
-            x = run.to_device(images)
-            m = make_masks(len(x), x.shape[-1], args.mask, args.hole, x.device)  # (N, 1, H, W): 1 = dropped
+    for step, (images, _) in run.steps(loader, parts, epoch_end=redraw):
+        lr = common.set_lr(opt_g, common.cosine_lr(step, total_steps, args.lr))
+        common.set_lr(opt_d, lr * 0.1)  # the discriminator learns at a tenth of the rate
+        x = run.to_device(images)
+        m = make_masks(len(x), x.shape[-1], args.mask, args.hole, x.device)  # (N, 1, H, W): 1 = dropped
+        with run.autocast():
+            x_hat = model(run.format(mask_images(x, m))).float()  # F((1 - M) * x)
+            loss_rec = reconstruction_loss(x, x_hat, m)
+            filled = x * (1 - m) + x_hat * m
+            # L_adv for the encoder-decoder: make D call the filled image real (the
+            # non-saturating form of max_D E[log D(x) + log(1 - D(F((1 - M) x)))]).
+            loss_adv = F.binary_cross_entropy_with_logits(disc(filled).float(), torch.ones(len(x), device=x.device)) \
+                if adversarial else torch.zeros((), device=x.device)
+            loss = args.rec_weight * loss_rec + args.adv_weight * loss_adv
+        run.check_finite(loss)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        loss_d = torch.zeros(())
+        if adversarial:  # D: real images -> 1, filled ones -> 0
             with run.autocast():
-                x_hat = model(run.format(mask_images(x, m))).float()  # F((1 - M) * x)
-                loss_rec = reconstruction_loss(x, x_hat, m)
-                filled = x * (1 - m) + x_hat * m
-                # L_adv for the encoder-decoder: make D call the filled image real (the
-                # non-saturating form of max_D E[log D(x) + log(1 - D(F((1 - M) x)))]).
-                loss_adv = F.binary_cross_entropy_with_logits(disc(filled).float(), torch.ones(len(x), device=x.device)) \
-                    if adversarial else torch.zeros((), device=x.device)
-                loss = args.rec_weight * loss_rec + args.adv_weight * loss_adv
-            run.check_finite(loss, step)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_g.step()
-            loss_d = torch.zeros(())
-            if adversarial:  # D: real images -> 1, filled ones -> 0
-                with run.autocast():
-                    real, fake = disc(x).float(), disc(filled.detach()).float()
-                    loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
-                        F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-            step += 1
-            run.log(step, last_step, epoch, len(images), force=step == last_step,
-                    loss_rec=loss_rec.item(), loss_adv=loss_adv.item(), loss_d=loss_d.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
-        if run.is_main:
-            save_grid(common.unwrap(model), data.test, args, run.device, run.out / "grid.png")
+                real, fake = disc(x).float(), disc(filled.detach()).float()
+                loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
+                    F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+        run.log(len(images), loss_rec=loss_rec.item(), loss_adv=loss_adv.item(), loss_d=loss_d.item(), lr=lr)
 
     net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
-    results = {**test_error(net, data.test, args, run.device), "steps": step}
+    results = {**test_error(net, data.test, args, run.device), "steps": run.step}
     run.print(f"mean squared error in the hole on the test split: {results['pretext_hole_mse']:.5f}, "
               f"edge strength of the fill / original: {results['hole_sharpness']:.3f} "
               f"(grid of fills: {run.out / 'grid.png'})")
@@ -284,8 +273,8 @@ def train(args: Args):
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

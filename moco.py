@@ -209,56 +209,42 @@ def train(args: Args):
     run.print(f"queue K = {args.queue_size}, momentum m = {args.momentum}, temperature t = {args.temperature}; "
               f"chance level of the loss: log(1 + K) = {chance:.3f}")
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    total_steps = args.epochs * len(loader)
     parts = {"f_q": f_q, "f_k": f_k, "queue": moco.queue, "queue_ptr": moco.queue_ptr, "optimizer": optimizer}
-    step = run.resume(parts)
     f_q.train()
     f_k.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            if args.schedule == "cosine":
-                lr = common.cosine_lr(step, total_steps, args.lr)
-            else:
-                lr = args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = run.to_device(images)  # a minibatch of N images
-            x_q, x_k = augment(x, args), augment(x, args)  # two random augmentations
-            N = len(x)
-            with run.autocast():
-                q = F.normalize(f_q(run.format(x_q)).float(), dim=1)  # queries: N x C
-                with torch.no_grad():  # keys: N x C, no gradient
-                    x_k, unshuffle = shuffle_keys(x_k)
-                    k = F.normalize(f_k(run.format(x_k)).float(), dim=1)
-                    k = unshuffle_keys(k, unshuffle)
-            l_pos, l_neg = contrastive_logits(q, k, moco.queue)  # N x 1 (bmm), N x K (mm)
-            logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
-            labels = torch.zeros(N, dtype=torch.long, device=x.device)  # the positive is index 0
-            loss = F.cross_entropy(logits / moco.t, labels)
-            run.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()  # SGD update: query network
-            moco.momentum_update()  # f_k.params = m * f_k.params + (1 - m) * f_q.params
-            moco.enqueue_dequeue(common.gather(k))  # newest keys (from all processes) in, oldest out
-            step += 1
-            acc = (logits.argmax(1) == 0).float().mean()  # instance discrimination: k+ ranked first of 1 + K
-            run.log(step, last_step, epoch, N, force=step == last_step,
-                    loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
+    for step, (images, _) in run.steps(loader, parts):
+        lr = common.cosine_lr(step, total_steps, args.lr) if args.schedule == "cosine" else \
+            args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))  # v1: x 0.1 at 60% and 80%
+        common.set_lr(optimizer, lr)
+        x = run.to_device(images)  # a minibatch of N images
+        x_q, x_k = augment(x, args), augment(x, args)  # two random augmentations
+        N = len(x)
+        with run.autocast():
+            q = F.normalize(f_q(run.format(x_q)).float(), dim=1)  # queries: N x C
+            with torch.no_grad():  # keys: N x C, no gradient
+                x_k, unshuffle = shuffle_keys(x_k)
+                k = F.normalize(f_k(run.format(x_k)).float(), dim=1)
+                k = unshuffle_keys(k, unshuffle)
+        l_pos, l_neg = contrastive_logits(q, k, moco.queue)  # N x 1 (bmm), N x K (mm)
+        logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
+        labels = torch.zeros(N, dtype=torch.long, device=x.device)  # the positive is index 0
+        loss = F.cross_entropy(logits / moco.t, labels)
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # SGD update: query network
+        moco.momentum_update()  # f_k.params = m * f_k.params + (1 - m) * f_q.params
+        moco.enqueue_dequeue(common.gather(k))  # newest keys (from all processes) in, oldest out
+        acc = (logits.argmax(1) == 0).float().mean()  # instance discrimination: k+ ranked first of 1 + K
+        run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
 
     backbone = common.unwrap(f_q).backbone
     run.save_encoder(backbone)
     if not run.is_main:
         return run.close()
     results = {"pretext_top1": key_accuracy(common.unwrap(f_q), f_k, data.test, args, run.device),
-               "steps": step, "loss_chance": chance}
+               "steps": run.step, "loss_chance": chance}
     run.print(f"query finds its key among 512 test keys: {results['pretext_top1']:.4f} (chance {1 / 512:.4f})")
     if args.eval:
         torch.manual_seed(args.seed)
@@ -292,8 +278,8 @@ def encoder_of(backbone: nn.Module) -> nn.Module:
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

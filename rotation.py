@@ -133,42 +133,29 @@ def train(args: Args):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
+    total_steps = args.epochs * len(loader)
+    warmup = int(args.warmup_epochs * len(loader))
     parts = {"model": model, "optimizer": optimizer}
-    step = run.resume(parts)
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            lr = common.cosine_lr(step, total_steps, args.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = common.random_crop_flip(run.to_device(images))  # the paper's CIFAR augmentation
-            x, y = rotate_batch(x, args.angles)  # x: (angles*N, 3, H, W), y: (angles*N,)
-            with run.autocast():
-                logits = model(run.format(x))  # (angles*N, angles)
-                loss = F.cross_entropy(logits.float(), y)
-            run.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            acc = (logits.argmax(1) == y).float().mean()
-            run.log(step, last_step, epoch, len(images), force=step == last_step,
-                    loss=loss.item(), acc=acc.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
+    for step, (images, _) in run.steps(loader, parts):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
+        x = common.random_crop_flip(run.to_device(images))  # the paper's CIFAR augmentation
+        x, y = rotate_batch(x, args.angles)  # x: (angles*N, 3, H, W), y: (angles*N,)
+        with run.autocast():
+            logits = model(run.format(x))  # (angles*N, angles)
+            loss = F.cross_entropy(logits.float(), y)
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        acc = (logits.argmax(1) == y).float().mean()
+        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
 
     net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
-    results = {"pretext_top1": pretext_accuracy(net, data.test, args.angles, run.device), "steps": step}
+    results = {"pretext_top1": pretext_accuracy(net, data.test, args.angles, run.device), "steps": run.step}
     run.print(f"rotation accuracy on the test split: {results['pretext_top1']:.4f} (chance {1 / args.angles:.4f})")
     if args.eval:
         torch.manual_seed(args.seed)
@@ -180,8 +167,8 @@ def train(args: Args):
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

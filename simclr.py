@@ -168,46 +168,33 @@ def train(args: Args):
     run.print(f"augmentations: {', '.join(sorted(chosen)) or 'none'}; "
               f"negatives per view: {2 * args.batch_size * run.world - 2}")
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
+    total_steps = args.epochs * len(loader)
+    warmup = int(args.warmup_epochs * len(loader))
     parts = {"model": model, "optimizer": optimizer}
-    step = run.resume(parts)
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            lr = common.cosine_lr(step, total_steps, args.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = run.to_device(images)
-            x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
-            with run.autocast():
-                # One forward pass for both views, so batch norm sees all 2N views together.
-                z1, z2 = model(run.format(torch.cat([x1, x2]))).float().chunk(2)  # N x d each
-            # Under torchrun the negatives are the global batch: gather z from every process.
-            z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
-            logits, targets = similarity_logits(z1, z2, args.temperature)
-            loss = F.cross_entropy(logits, targets)  # = nt_xent(z1, z2, tau)
-            run.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
-            run.log(step, last_step, epoch, len(images), force=step == last_step,
-                    loss=loss.item(), acc=acc.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
+    for step, (images, _) in run.steps(loader, parts):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
+        x = run.to_device(images)
+        x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
+        with run.autocast():
+            # One forward pass for both views, so batch norm sees all 2N views together.
+            z1, z2 = model(run.format(torch.cat([x1, x2]))).float().chunk(2)  # N x d each
+        # Under torchrun the negatives are the global batch: gather z from every process.
+        z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
+        logits, targets = similarity_logits(z1, z2, args.temperature)
+        loss = F.cross_entropy(logits, targets)  # = nt_xent(z1, z2, tau)
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
+        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
 
     net = common.unwrap(model)
     run.save_encoder(net.f)
     if not run.is_main:
         return run.close()
-    results = {"pretext_top1": _pair_accuracy(net, data.test, chosen, args, run.device), "steps": step}
+    results = {"pretext_top1": _pair_accuracy(net, data.test, chosen, args, run.device), "steps": run.step}
     run.print(f"positive-pair top-1 on the test split (batch {min(len(data.test), 512)}): {results['pretext_top1']:.4f}")
     if args.eval:
         torch.manual_seed(args.seed)
@@ -234,8 +221,8 @@ def _pair_accuracy(model, dataset, chosen, args, device, batch_size=512):
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -193,52 +193,41 @@ def train(args: Args):
     run.print(f"F1: L -> ab over {len(bins)} bins; F2: ab -> L over {args.l_bins} bins; "
               f"representation width {common.unwrap(model).width}")
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
+    total_steps = args.epochs * len(loader)
     parts = {"model": model, "optimizer": optimizer}
-    step = run.resume(parts)
+
+    def redraw():  # grid.png after every epoch, to watch the pretext task being learned
+        save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
+
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for images, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            lr = common.cosine_lr(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = run.to_device(images)
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
-            lab = common.rgb_to_lab(x)  # (N, 3, H, W): L, a, b
-            with run.autocast():
-                out1, out2 = model(run.format(scale_lab(lab)))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
-            out1, out2 = out1.float(), out2.float()
-            target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
-            if classify:
-                loss1 = F.cross_entropy(out1, ab_classes(target[:, 1:], bins))  # L -> ab
-                loss2 = F.cross_entropy(out2, l_classes(target[:, :1], args.l_bins))  # ab -> L
-            else:
-                loss1 = F.mse_loss(out1, target[:, 1:] / 100)
-                loss2 = F.mse_loss(out2, target[:, :1] / 50 - 1)
-            loss = loss1 + loss2
-            run.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            run.log(step, last_step, epoch, len(images), force=step == last_step,
-                    loss_ab=loss1.item(), loss_L=loss2.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
-        if run.is_main:
-            save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
+    for step, (images, _) in run.steps(loader, parts, epoch_end=redraw):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
+        x = run.to_device(images)
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
+        lab = common.rgb_to_lab(x)  # (N, 3, H, W): L, a, b
+        with run.autocast():
+            out1, out2 = model(run.format(scale_lab(lab)))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
+        out1, out2 = out1.float(), out2.float()
+        target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
+        if classify:
+            loss1 = F.cross_entropy(out1, ab_classes(target[:, 1:], bins))  # L -> ab
+            loss2 = F.cross_entropy(out2, l_classes(target[:, :1], args.l_bins))  # ab -> L
+        else:
+            loss1 = F.mse_loss(out1, target[:, 1:] / 100)
+            loss2 = F.mse_loss(out2, target[:, :1] / 50 - 1)
+        loss = loss1 + loss2
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.log(len(images), loss_ab=loss1.item(), loss_L=loss2.item(), lr=lr)
 
     net = common.unwrap(model)
     run.save_encoder(nn.ModuleDict({"f1": net.f1, "f2": net.f2}))
     if not run.is_main:
         return run.close()
     ab_err, l_err = test_errors(net, data.test, bins, args, run.device)
-    results = {"pretext_ab_error": ab_err, "pretext_L_error": l_err, "steps": step}
+    results = {"pretext_ab_error": ab_err, "pretext_L_error": l_err, "steps": run.step}
     run.print(f"test split: mean |ab error| from L {ab_err:.2f}, mean |L error| from ab {l_err:.2f} "
               f"(grid: {run.out / 'grid.png'})")
     if args.eval:
@@ -251,8 +240,8 @@ def train(args: Args):
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -248,7 +248,8 @@ def embed_video(model: nn.Module, frames: torch.Tensor, device, chunk: int = 16)
 def track_videos(model: nn.Module, videos: dict, args: Args, device) -> dict:
     """Mean J over all objects of all videos: propagated masks, and copying the first mask.
 
-    videos: {name: (frames (T, 3, H, W) uint8, masks (T, H, W) uint8)}."""
+    videos: {name: (frames (T, 3, H, W) uint8, masks (T, H, W) uint8)}; a video whose masks
+    are (1, H, W), the first frame's only, is propagated but not scored (J None if none is)."""
     was_training = model.training
     model.eval()
     j_prop, j_copy, per_video, predictions = [], [], {}, {}
@@ -257,14 +258,17 @@ def track_videos(model: nn.Module, videos: dict, args: Args, device) -> dict:
         feats = embed_video(model, frames, device)
         pred = propagate_masks(feats, gt[0], window=args.track_window, temperature=args.track_temperature,
                                topk=args.topk, radius=args.radius)
+        predictions[name] = pred.cpu()
+        if len(gt) < len(frames):  # the first frame's mask only (DAVIS-2017 test-dev): propagated, not scored
+            continue
         scores = region_similarity(pred, gt)
         copied = region_similarity(gt[:1].expand_as(gt), gt)
         j_prop += scores
         j_copy += copied
         per_video[name] = sum(scores) / max(len(scores), 1)
-        predictions[name] = pred.cpu()
     model.train(was_training)
-    return {"J": sum(j_prop) / max(len(j_prop), 1), "J_copy_first": sum(j_copy) / max(len(j_copy), 1),
+    mean = (lambda xs: sum(xs) / len(xs)) if j_prop else (lambda xs: None)
+    return {"J": mean(j_prop), "J_copy_first": mean(j_copy),
             "objects": len(j_prop), "J_per_video": per_video, "predictions": predictions}
 
 
@@ -391,42 +395,30 @@ def train(args: Args):
     centres = kmeans(ab.permute(0, 2, 3, 1).reshape(-1, 2), args.clusters, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
-    steps_per_epoch, total_steps, last_step = run.schedule(loader)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
+    total_steps = args.epochs * len(loader)
+    warmup = int(args.warmup_epochs * len(loader))
     parts = {"model": model, "optimizer": optimizer, "centres": centres}
-    step = run.resume(parts)
-    if run.is_main:
-        torch.save(centres.cpu(), run.out / "colour_clusters.pt")
     model.train()
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= last_step:
-            break
-        for clip, _ in common.epoch_batches(loader, epoch, skip=step - epoch * steps_per_epoch):
-            lr = common.cosine_lr(step, total_steps, args.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = run.to_device(clip)  # (B, F, 3, H, W): ref_frames coloured references, then the target
-            flip = torch.rand(len(x), device=x.device) < 0.5  # the same flip for every frame of a clip
-            x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
-            loss, acc, _, _ = clip_loss(model, x, centres, args.temperature, run)
-            run.check_finite(loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            run.log(step, last_step, epoch, len(x), force=step == last_step, loss=loss.item(), acc=acc.item(), lr=lr)
-            if run.should_stop():
-                run.interrupted(run.state(parts, step))
-            if step >= last_step:
-                break
-        run.save_checkpoint(run.state(parts, step))
+    for step, (clip, _) in run.steps(loader, parts):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
+        x = run.to_device(clip)  # (B, F, 3, H, W): ref_frames coloured references, then the target
+        flip = torch.rand(len(x), device=x.device) < 0.5  # the same flip for every frame of a clip
+        x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
+        loss, acc, _, _ = clip_loss(model, x, centres, args.temperature, run)
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.log(len(x), loss=loss.item(), acc=acc.item(), lr=lr)
 
     net = common.unwrap(model)
     run.save_encoder(net.backbone)
     run.save_encoder(net, "embedder.pt")
+    if run.is_main:  # after the loop: a resumed run's centres are the checkpoint's
+        torch.save(centres.cpu(), run.out / "colour_clusters.pt")
     if not run.is_main:
         return run.close()
-    results = {"steps": step, "clusters": args.clusters, "image_size": args.image_size}
+    results = {"steps": run.step, "clusters": args.clusters, "image_size": args.image_size}
     if args.eval:
         results["pretext_top1"] = colour_accuracy(net, tracked, centres, args, run.device)
         run.print(f"colour cluster accuracy, copied from the {args.ref_frames} frames before: "
@@ -439,8 +431,12 @@ def train(args: Args):
         results.update({"J": trained["J"], "J_random_init": random["J"], "J_copy_first": trained["J_copy_first"],
                         "objects": trained["objects"], "videos": len(tracked),
                         "J_per_video": trained["J_per_video"], "J_per_video_random_init": random["J_per_video"]})
-        run.print(f"J (region similarity, {trained['objects']} objects in {len(tracked)} videos): "
-                  f"{trained['J']:.4f} | random init {random['J']:.4f} | first mask copied {trained['J_copy_first']:.4f}")
+        if trained["J"] is None:
+            run.print(f"J not scored: the {len(tracked)} videos to track are annotated on their first frame only "
+                      f"(masks propagated, drawn in strip.png)")
+        else:
+            run.print(f"J (region similarity, {trained['objects']} objects in {len(tracked)} videos): {trained['J']:.4f}"
+                      f" | random init {random['J']:.4f} | first mask copied {trained['J_copy_first']:.4f}")
         save_strip(net, tracked, trained, centres, args, run.device, run.out / "strip.png")
         run.print(f"picture strip: {run.out / 'strip.png'}")
     run.finish(results)
@@ -465,8 +461,8 @@ def colour_accuracy(model, videos: dict, centres, args: Args, device) -> float:
 
 
 def main(argv=None):
-    return train(common.parse_args(Args, argv, __doc__))
+    return common.run_main(train, Args, argv, __doc__)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -174,6 +174,8 @@ def main(argv=None):
         (out / "claims.md").write_text(render(record))
         print(render(record), flush=True)
         return record
+    if (out / "results.json").exists():  # its runs would refuse to be overwritten, one by one
+        common.fail(f"--out {out} holds an earlier claims sweep; choose another --out (or --render it)")
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, dict] = {}  # (method, flags) -> results; a row shared by two claims runs once
     record = {}
@@ -202,4 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -22,12 +22,16 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
 IMAGE_METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain", "simclr", "moco")
 METHODS = IMAGE_METHODS[:6] + ("video_colorization",) + IMAGE_METHODS[6:]  # lecture order
 
@@ -89,6 +93,10 @@ def run_method(method: str, a, out: Path) -> dict:
             proc.wait()
             return {"method": method, "status": f"failed: stopped after --timeout {a.timeout:g} s (see {log})",
                     "wall_s": time.time() - start}
+        except BaseException:  # stopped by a signal: the method saves its checkpoint and leaves too
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
     wall = time.time() - start
     row = {"method": method, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
     code = os.waitstatus_to_exitcode(status)
@@ -159,6 +167,10 @@ def table(rows: list[dict], a) -> str:
             if r["status"] != "ok":
                 lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |  |")
                 continue
+            if r["J"] is None:  # videos annotated on the first frame only
+                lines.append(f"| {r['method']} ({r['videos']} videos) | {r['pretext_top1']:.3f} | not scored "
+                             f"(first-frame masks only) |  |  |  | " + " | ".join(_cost(r)) + " |")
+                continue
             lines.append("| " + " | ".join([
                 f"{r['method']} ({r['videos']} videos, {r['objects']} objects)", f"{r['pretext_top1']:.3f}",
                 f"{r['J']:.3f}", f"{r['J_random_init']:.3f}", f"{r['J_copy_first']:.3f}",
@@ -169,6 +181,9 @@ def table(rows: list[dict], a) -> str:
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    taken = [m for m in a.methods if (out / m / "checkpoint.pt").exists()]
+    if taken:  # each method would refuse to overwrite its run: say so once, before anything runs
+        common.fail(f"--out {out} holds runs of an earlier compare ({', '.join(taken)}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in a.methods:
@@ -182,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

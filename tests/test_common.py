@@ -1,6 +1,5 @@
 """Unit tests of the shared plumbing: config, colour space, data, backbones, evaluation."""
 import math
-import warnings
 
 import pytest
 import torch
@@ -34,12 +33,20 @@ def test_parse_args_types_and_booleans():
     (["--epochs", "two"], "--epochs"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
 ])
-def test_bad_options_are_one_line_and_exit_2(argv, needle, capsys):
-    with pytest.raises(SystemExit) as e:
+def test_bad_options_raise_a_run_error_with_one_line_and_code_2(argv, needle):
+    with pytest.raises(common.RunError) as e:
         common.parse_args(common.Args, argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error:") and needle in err
+    assert str(e.value).count("\n") == 0 and needle in str(e.value)
+
+
+def test_cli_turns_a_run_error_into_one_line_and_its_exit_code(capsys):
+    def main():
+        common.fail("something is off", code=1)
+    with pytest.raises(SystemExit) as e:
+        common.cli(main)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "error: something is off\n"
 
 
 # -- colour space -------------------------------------------------------------
@@ -155,7 +162,7 @@ def test_image_folder_with_train_and_test(tiny_folder):
     assert data.classes == tuple(sorted(common.SHAPE_CLASSES))
 
 
-def test_single_image_folder_is_split_by_a_seed_and_bad_files_are_skipped(tmp_path):
+def test_single_image_folder_is_split_by_a_seed_and_bad_files_are_skipped(tmp_path, capsys):
     import torchvision.utils as vutils
     images, labels = common.make_shapes(40, 32, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
@@ -163,20 +170,17 @@ def test_single_image_folder_is_split_by_a_seed_and_bad_files_are_skipped(tmp_pa
         d.mkdir(exist_ok=True)
         vutils.save_image(x.float() / 255, d / f"{i}.png")
     (tmp_path / "class0" / "broken.jpg").write_bytes(b"not an image")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = common.load_image_data(_args(dataset="folder", data_dir=str(tmp_path), image_size=32))
-    assert len(data.train) + len(data.test) == 41 and len(data.test) == 4
-    assert any("broken.jpg" in str(w.message) for w in caught)
+    data = common.load_image_data(_args(dataset="folder", data_dir=str(tmp_path), image_size=32))
+    assert len(data.train) + len(data.test) == 40 and len(data.test) == 4  # 41 files, the broken one skipped
+    assert "broken.jpg" in capsys.readouterr().out
     again = common.load_image_data(_args(dataset="folder", data_dir=str(tmp_path), image_size=32))
     assert torch.equal(data.test.images, again.test.images)
 
 
-def test_missing_torchvision_dataset_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
+def test_missing_torchvision_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(common.RunError) as e:
         common.load_image_data(_args(dataset="cifar10", data_dir=str(tmp_path)))
-    assert e.value.code == 2
-    assert "--download" in capsys.readouterr().err
+    assert e.value.code == 2 and "--download" in str(e.value)
 
 
 def test_davis_2016_and_2017_masks_load_as_object_ids(tmp_path):

@@ -73,7 +73,7 @@ def test_augment_choice():
     assert simclr.parse_augment("all", 96) == {"crop", "color", "blur"}
     assert simclr.parse_augment("crop,color", 32) == {"crop", "color"}
     assert simclr.parse_augment("none", 32) == set()
-    with pytest.raises(SystemExit):
+    with pytest.raises(common.RunError, match="rotate"):
         simclr.parse_augment("crop,rotate", 32)
     args = simclr.Args()
     x = torch.rand(4, 3, 32, 32)
