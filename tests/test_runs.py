@@ -225,6 +225,26 @@ def test_sigterm_mid_epoch_then_bare_resume_equals_the_uninterrupted_run(tiny_fo
             assert torch.equal(reference[key], encoder[key]), (how.name, key)
 
 
+def test_two_processes_stopped_and_resumed_end_as_the_uninterrupted_run(tiny_folder, tmp_path):
+    """Under torchrun every process's random state is in the checkpoint, so a resumed
+    two-process run ends in the weights of the one never stopped."""
+    def torchrun(*argv):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "rotation.py", *argv], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    torchrun(*tiny(tiny_folder, tmp_path / "straight", "--epochs", "2", "--no-eval"))  # 5 steps an epoch
+    torchrun(*tiny(tiny_folder, tmp_path / "split", "--epochs", "2", "--no-eval", "--max-steps", "7"))
+    assert "at step 7" in torchrun("--resume", str(tmp_path / "split")).stdout
+    a = torch.load(tmp_path / "straight" / "encoder.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "encoder.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rngs = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
+
+
 def _slow_folder(root: Path, n: int = 1500) -> Path:
     """Copies of one 640 x 480 JPEG, so that decoding them all takes seconds."""
     from torchvision.io import encode_jpeg
