@@ -587,15 +587,9 @@ class FolderImages(Dataset):
         return x, torch.tensor(label)
 
 
-class _Decoded(Dataset):
+class _Decoded(FolderImages):
     """Decoding of one file: (image (3, size, size) uint8 or None, label, its shorter side
     before resizing, what went wrong or "")."""
-
-    def __init__(self, samples: list[tuple[str, int]], size: int):
-        self.samples, self.size = samples, size
-
-    def __len__(self):
-        return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
