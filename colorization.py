@@ -195,7 +195,7 @@ def train(args: Args):
     loader = run.loader(data.pretrain)
     bins = ab_bins().to(run.device)
     # The prior: ab of the first --prior-images training images, once, at the start.
-    sample = torch.stack([data.pretrain[i][0] for i in range(min(args.prior_images, len(data.pretrain)))])
+    sample = torch.stack([data.train[i][0] for i in range(min(args.prior_images, len(data.train)))])
     prior = colour_prior([split_lab(sample[i:i + 500].float() / 255)[1] for i in range(0, len(sample), 500)],
                          bins.cpu()).to(run.device)
     weights = rebalance_weights(prior, args.rebalance)

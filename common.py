@@ -51,7 +51,9 @@ class Args:
     dataset: str = "shapes"  # shapes (built-in, no files) | cifar10 | cifar100 | stl10 | folder
     data_dir: str = "data"  # where cifar10/cifar100/stl10 live, or the image folder for --dataset folder
     download: bool = False  # let torchvision download cifar10/cifar100/stl10 into --data-dir
-    image_size: int = 32  # images are resized (shorter side) and centre-cropped to this square size
+    image_size: int = 32  # side of the square images the networks see (image folders: see --load-size and --min-crop)
+    load_size: int = 0  # image folders: shorter side at which whole training images are kept (0: image_size / 0.875)
+    min_crop: float = 0.08  # image folders: smallest training crop, as a fraction of the whole image's area (RandomResizedCrop)
     backbone: str = "small"  # small (CPU default) | resnet18 | resnet50 (CIFAR stem at <= 64 px)
     epochs: int = 5  # passes over the pretraining set
     batch_size: int = 128  # images per optimiser step and per process (under torchrun, global = this x processes)
@@ -60,6 +62,7 @@ class Args:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     seed: int = 0  # seed for initialisation, data order and augmentation
     amp: bool = True  # bf16 autocast on CUDA; ignored on other devices
+    compile: bool = False  # torch.compile the networks (pays on GPUs after a warm-up of a minute or so; not on 2 CPU cores)
     out: str = ""  # run folder of a new run (never one that holds a checkpoint); default runs/<method>-<date>-<time>
     resume: str = ""  # continue the run in this folder with its own options: a bare --resume DIR is enough
     max_steps: int = 0  # stop after this many optimiser steps in all (0: no limit); for quick runs and tests
@@ -73,7 +76,7 @@ MAX_IMAGE_SIZE = 1024
 _POSITIVE = ("epochs", "batch_size", "image_size", "lr", "temperature", "track_temperature")
 # --resume: options that may differ from the run's without changing what a step computes
 # (--epochs only upward: a longer schedule), and options that belong to one command, not to the run.
-RESUME_MAY_CHANGE = ("epochs", "workers", "log_every", "eval", "device", "save_every", "download")
+RESUME_MAY_CHANGE = ("epochs", "workers", "log_every", "eval", "device", "save_every", "download", "compile")
 _PER_COMMAND = ("resume", "out", "max_steps")
 
 
@@ -551,13 +554,109 @@ def _resize_in_chunks(images: torch.Tensor, size: int, chunk: int = 2000) -> tor
 
 
 def read_image(path) -> torch.Tensor:
-    """One image file as RGB uint8 (3, H, W). Raises what PIL raises for a file it cannot
-    decode: OSError (unreadable, truncated, not an image), DecompressionBombError (more
-    pixels than PIL's guard allows), SyntaxError or ValueError (malformed)."""
+    """One image file as RGB uint8 (3, H, W). PIL reads the header first, so its
+    decompression-bomb guard refuses files of more than about 179 M pixels before any
+    pixel is decoded; JPEG and PNG are then decoded by torchvision.io (faster than PIL:
+    benchmarks/data_pipeline.py), other formats by PIL. Raises what PIL or torchvision
+    raise for a file they cannot decode (OSError, DecompressionBombError, RuntimeError, ...)."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
     with Image.open(path) as im:
-        return pil_to_tensor(im.convert("RGB"))
+        if im.format not in ("JPEG", "PNG"):
+            return pil_to_tensor(im.convert("RGB"))
+    import torchvision.io as tvio
+    with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        x = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+    if x.dtype != torch.uint8:  # 16-bit PNG
+        x = (x.float() / 257).round().to(torch.uint8)
+    return x
+
+
+def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) with its shorter side resized to `size`, aspect kept (bilinear,
+    antialiased, torchvision's uint8 kernel: about 8x faster than resizing in float)."""
+    if min(x.shape[-2:]) == size:
+        return x
+    from torchvision.transforms.v2.functional import resize
+    return resize(x, [size], antialias=True)
+
+
+def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = round((h - size) / 2), round((w - size) / 2)
+    return x[..., top:top + size, left:left + size]
+
+
+def sizes_for(shorter: int, image_size: int, load_size: int) -> tuple[int, int]:
+    """(shorter side kept for training, shorter side resized to for evaluation) of an image
+    whose shorter side is `shorter`. Evaluation: torchvision's ImageNet recipe, resize to
+    image_size / 0.875 then centre-crop image_size (256 -> 224); training keeps the whole
+    image at load_size (0: the same image_size / 0.875). Neither upscales an image beyond
+    its own size only to crop it again; an image smaller than image_size is upscaled to it."""
+    eval_side = round(image_size / 0.875)
+    keep = load_size or eval_side
+    return max(image_size, min(keep, shorter)), max(image_size, min(eval_side, shorter))
+
+
+@dataclass
+class WholeImages:
+    """A batch of whole images of different sizes: pixels (N, 3, H, W), each image in the
+    top left corner (its last row and column repeated beside it), and sizes (N, 2), each
+    image's (h, w)."""
+
+    pixels: torch.Tensor
+    sizes: torch.Tensor
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls this
+        return WholeImages(self.pixels.pin_memory(), self.sizes.pin_memory())
+
+
+def collate_whole(batch):
+    """Collate (image, label) pairs of images of any size: a plain (N, 3, S, S) batch when
+    they are all one square size, else WholeImages (padded to the largest)."""
+    images, labels = zip(*batch)
+    labels = torch.as_tensor(labels)
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) == 1 and images[0].shape[-1] == images[0].shape[-2]:
+        return torch.stack(images), labels
+    h, w = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
+    pixels = torch.empty(len(images), 3, h, w, dtype=images[0].dtype)
+    for i, x in enumerate(images):
+        xh, xw = x.shape[-2:]
+        # The image, then its last column and row repeated: crops sample its edge, not zeros.
+        pixels[i, :, :xh, :xw] = x
+        pixels[i, :, :xh, xw:] = x[:, :, -1:]
+        pixels[i, :, xh:, :] = pixels[i, :, xh - 1:xh, :]
+    return WholeImages(pixels, torch.tensor([tuple(x.shape[-2:]) for x in images])), labels
+
+
+class RaggedImages(Dataset):
+    """uint8 images of different sizes held in memory (one flat buffer), with labels;
+    item i is (3, h_i, w_i). Its loader collates with collate_whole."""
+
+    def __init__(self, flat: torch.Tensor, shapes: torch.Tensor, labels: torch.Tensor):
+        self.flat, self.shapes, self.labels = flat, shapes, labels
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), (3 * shapes[:, 0] * shapes[:, 1]).cumsum(0)])
+
+    @classmethod
+    def of(cls, images: list[torch.Tensor], labels: list[int]):
+        flat = torch.cat([x.flatten() for x in images]) if images else torch.empty(0, dtype=torch.uint8)
+        return cls(flat, torch.tensor([tuple(x.shape[-2:]) for x in images], dtype=torch.long).view(-1, 2),
+                   torch.tensor(labels, dtype=torch.long))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        h, w = self.shapes[i].tolist()
+        return self.flat[self.offsets[i]:self.offsets[i + 1]].view(3, h, w), self.labels[i]
+
+    def state(self) -> dict:
+        return {"flat": self.flat, "shapes": self.shapes, "labels": self.labels}
 
 
 def _why(e: Exception) -> str:
@@ -566,60 +665,78 @@ def _why(e: Exception) -> str:
 
 
 class FolderImages(Dataset):
-    """Images under class subfolders (ImageFolder layout), decoded and resized on access,
-    for folders too large to keep in memory. Every file's header was read when the folder
-    was (check_files); a file that fails here is damaged past its header and comes back as
-    a black image with a warning, never as a copy of another image."""
+    """Images under class subfolders (ImageFolder layout), decoded on access, for folders
+    too large to keep in memory. view "train": the whole image at the training load size
+    (collated with collate_whole); "eval": the evaluation square (resize, centre crop).
+    Every file's header was read when the folder was (check_files); a file that fails here
+    is damaged past its header and comes back as a black image with a warning, never as a
+    copy of another image."""
 
-    def __init__(self, samples: list[tuple[str, int]], size: int):
-        self.samples, self.size = samples, size
+    def __init__(self, samples: list[tuple[str, int]], image_size: int, load_size: int = 0, view: str = "eval"):
+        self.samples, self.image_size, self.load_size, self.view = samples, image_size, load_size, view
 
     def __len__(self):
         return len(self.samples)
 
+    def _views(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        keep, eval_side = sizes_for(min(x.shape[-2:]), self.image_size, self.load_size)
+        whole = resize_shorter(x, keep) if self.view == "train" else None
+        return whole, centre_crop(resize_shorter(x, eval_side), self.image_size)
+
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            x = _resize_square(read_image(path).unsqueeze(0), self.size)[0]
+            whole, square = self._views(read_image(path))
         except Exception as e:  # any decoding failure of this one file
             warnings.warn(f"{path} cannot be decoded ({_why(e)}); a black image stands in for it")
-            x = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-        return x, torch.tensor(label)
+            whole = square = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        return (whole if self.view == "train" else square), torch.tensor(label)
 
 
 class _Decoded(FolderImages):
-    """Decoding of one file: (image (3, size, size) uint8 or None, label, its shorter side
-    before resizing, what went wrong or "")."""
+    """Decoding of one file: (whole image at the load size or None, evaluation square or
+    None, label, its shorter side before resizing, what went wrong or "")."""
 
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
             x = read_image(path)
+            whole, square = self._views(x)
         except Exception as e:  # reported once, by the caller, with the count
-            return None, label, 0, f"{path} ({_why(e)})"
-        return _resize_square(x.unsqueeze(0), self.size)[0], label, min(x.shape[-2:]), ""
+            return None, None, label, 0, f"{path} ({_why(e)})"
+        return whole, square, label, min(x.shape[-2:]), ""
 
 
 def _as_list(batch):
     return batch
 
 
-def decode_to_memory(samples: list[tuple[str, int]], size: int, workers: int):
-    """Decode every file once (in `workers` processes) and keep the uint8 images.
-    Returns (TensorImages of the readable ones, problems: one line per unreadable file,
-    number of images smaller than `size`)."""
-    images, labels, problems, small = [], [], [], 0
-    for batch in DataLoader(_Decoded(samples, size), batch_size=64, num_workers=workers, collate_fn=_as_list):
-        for x, label, side, problem in batch:
+def decode_to_memory(samples: list[tuple[str, int]], image_size: int, load_size: int, workers: int,
+                     whole: bool = True) -> dict:
+    """Decode every file once (in `workers` processes) and keep uint8 images: the
+    evaluation squares (N, 3, S, S) and, with `whole`, the whole images at the load size.
+    Returns a dict of tensors and lists (what torch.save can share between processes)."""
+    view = "train" if whole else "eval"
+    wholes, squares, labels, problems, small = [], [], [], [], 0
+    for batch in DataLoader(_Decoded(samples, image_size, load_size, view), batch_size=64, num_workers=workers,
+                            collate_fn=_as_list):
+        for x, square, label, side, problem in batch:
             if problem:
                 problems.append(problem)
                 continue
-            images.append(x)
+            if whole:
+                wholes.append(x)
+            squares.append(square)
             labels.append(label)
-            small += side < size
-    empty = torch.empty(0, 3, size, size, dtype=torch.uint8)
-    return TensorImages(torch.stack(images) if images else empty, torch.tensor(labels, dtype=torch.long)), \
-        problems, small
+            small += side < image_size
+    out = {"squares": torch.stack(squares) if squares else torch.empty(0, 3, image_size, image_size,
+                                                                        dtype=torch.uint8),
+           "labels": torch.tensor(labels, dtype=torch.long), "problems": problems, "small": small}
+    if whole and all(x.shape[-2:] == (image_size, image_size) for x in wholes):
+        out["whole"] = None  # every image already is the training square: nothing to crop from
+    elif whole:
+        out["whole"] = RaggedImages.of(wholes, labels).state()
+    return out
 
 
 def _header(path: str) -> tuple[int, str]:
@@ -648,14 +765,70 @@ def _say(message: str):
         print(message, flush=True)
 
 
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+TEST_SPLITS = ("val", "test", "valid", "validation")  # the first one beside train/ is the test split
+
+
 def _scan_folder(root: Path):
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    """(class names, [(path, class index)]) of root/<class>/**/<image>; hidden folders skipped."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     samples = []
     for k, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.parts):
                 samples.append((str(p), k))
     return classes, samples
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir() if p.is_file())
+
+
+def folder_splits(root: Path):
+    """The layout of an image folder: (classes, train samples, test samples, one-line summary).
+
+    root/train/<class>/ with root/val/<class>/ (or test/, valid/, validation/): those two
+    splits; otherwise root/<class>/, of which a fixed 10% is the test split. A top-level
+    folder named like a split is never taken for a class."""
+    if not root.is_dir():
+        fail(f"--data-dir {root} does not exist or is not a folder")
+    top = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_name = {d.lower(): d for d in top}
+    splits = [d for d in top if d.lower() in SPLIT_NAMES]
+    train_dir = by_name.get("train")
+    test_dir = next((by_name[s] for s in TEST_SPLITS if s in by_name), None)
+    if train_dir and test_dir:
+        for split in (train_dir, test_dir):
+            if _has_images(root / split) and not any(p.is_dir() for p in (root / split).iterdir()):
+                fail(f"{root / split} holds images but no class folders; both splits need the "
+                     f"<split>/<class>/<image> layout (ImageNet's raw val/ is flat: sort it into class folders)")
+        classes, train = _scan_folder(root / train_dir)
+        test_classes, test = _scan_folder(root / test_dir)
+        index = {c: k for k, c in enumerate(classes)}
+        if not set(test_classes) <= set(index):
+            fail(f"{root / test_dir} has classes that {root / train_dir} lacks: "
+                 f"{sorted(set(test_classes) - set(index))[:5]}")
+        test = [(p, index[test_classes[k]]) for p, k in test]
+        where = (f"({train_dir}/)", f"({test_dir}/)")
+    elif splits:
+        hint = (f"a {', '.join(s + '/' for s in splits)} folder but no "
+                f"{'val/ or test/' if train_dir else 'train/'} beside it")
+        fail(f"{root} has {hint}; a split folder would become a class. Use train/<class>/ with val/<class>/ "
+             f"(or test/<class>/), or point --data-dir at one split's folder to split it 90/10")
+    else:
+        classes, samples = _scan_folder(root)
+        # One folder: a fixed 10% of it (chosen by a seed, not by --seed) is the test split.
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+        n_test = max(1, len(samples) // 10) if len(samples) > 1 else 0
+        test, train = [samples[i] for i in order[:n_test]], [samples[i] for i in order[n_test:]]
+        where = ("(90% of the folder)", "(a fixed 10% of it)")
+    if not train:
+        fail(f"no images found in {root} (expected <class>/<image> files, or train/<class>/ and val/<class>/)")
+    if not test:
+        fail(f"no test images found in {root}")
+    summary = (f"data: {len(classes)} classes, {len(train)} training images {where[0]}, "
+               f"{len(test)} test images {where[1]}")
+    return classes, train, test, summary
 
 
 @dataclass
@@ -690,52 +863,76 @@ def load_image_data(args) -> ImageData:
 
 def _load_folder(args) -> ImageData:
     root = Path(args.data_dir)
-    if not root.is_dir():
-        fail(f"--data-dir {root} does not exist or is not a folder")
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        classes, train = _scan_folder(root / "train")
-        test_classes, test = _scan_folder(root / "test")
-        index = {c: k for k, c in enumerate(classes)}
-        if not set(test_classes) <= set(index):
-            fail(f"{root}/test has classes that {root}/train lacks: {sorted(set(test_classes) - set(index))}")
-        test = [(p, index[test_classes[k]]) for p, k in test]
-    else:
-        classes, samples = _scan_folder(root)
-        # One folder: a fixed 10% of it (chosen by a seed, not by --seed) is the test split.
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
-        n_test = max(1, len(samples) // 10) if len(samples) > 1 else 0
-        test, train = [samples[i] for i in order[:n_test]], [samples[i] for i in order[n_test:]]
-    if not train:
-        fail(f"no images found in {root} (expected <class>/<image> files, or train/<class>/ and test/<class>/)")
-    if not test:
-        fail(f"no test images found in {root}")
+    classes, train, test, summary = folder_splits(root)
+    _say(summary)
     size, total = args.image_size, len(train) + len(test)
-    in_memory = total * 3 * size ** 2 <= _CACHE_BYTES
-    _say(f"{'decoding' if in_memory else 'checking'} {total} image files from {root} "
-         f"{'into memory' if in_memory else '(too many to keep in memory: decoded as they are used)'} ...")
-    sets, problems, small = [], [], 0
-    for split, samples in (("train", train), ("test", test)):
-        if in_memory:
-            data, bad, few = decode_to_memory(samples, size, min(args.workers, os.cpu_count() or 1))
-        else:
-            kept, bad, few = check_files(samples, size)
-            data = FolderImages(kept, size)
-        if len(data) == 0:
-            fail(f"none of the {len(samples)} {split} image files in {root} can be read (first: {bad[0]})")
-        sets.append(data)
-        problems += bad
-        small += few
+    keep = args.load_size or round(size / 0.875)
+    # Kept in memory: the whole training images at the load size (4:3 assumed for the
+    # estimate) and the evaluation squares of both splits.
+    in_memory = len(train) * 3 * keep * keep * 4 // 3 + total * 3 * size ** 2 <= _CACHE_BYTES
+    if not in_memory:
+        _say(f"checking {total} image files (too many to keep in memory: decoded as they are used) ...")
+        (train, bad_train, small_train), (test, bad_test, small_test) = (check_files(s, size) for s in (train, test))
+        problems, small = bad_train + bad_test, small_train + small_test
+        for split, kept, bad in (("training", train, bad_train), ("test", test, bad_test)):
+            if not kept:
+                fail(f"none of the {len(bad)} {split} image files in {root} can be read (first: {bad[0]})")
+        sets = (FolderImages(train, size, args.load_size, "train"), FolderImages(train, size),
+                FolderImages(test, size))
+    else:
+        _say(f"decoding {total} image files from {root} into memory ...")
+        workers = min(args.workers, os.cpu_count() or 1)
+        key = f"{root.resolve()}|{size}|{args.load_size}|{total}"
+        parts = [_once_per_machine(lambda: decode_to_memory(s, size, args.load_size, workers, whole), f"{key}|{i}")
+                 for i, (s, whole) in enumerate(((train, True), (test, False)))]
+        problems, small = parts[0]["problems"] + parts[1]["problems"], parts[0]["small"] + parts[1]["small"]
+        for split, part, samples in (("training", parts[0], train), ("test", parts[1], test)):
+            if len(part["labels"]) == 0:
+                fail(f"none of the {len(samples)} {split} image files in {root} can be read "
+                     f"(first: {part['problems'][0]})")
+        train_eval, test_eval = (TensorImages(p["squares"], p["labels"]) for p in parts)
+        pretrain = RaggedImages(**parts[0]["whole"]) if parts[0]["whole"] else train_eval
+        sets = (pretrain, train_eval, test_eval)
     if problems:  # skipped, so the dataset shrinks; never replaced by another image
         _say(f"skipped {len(problems)} of {total} image files that cannot be read; the first: {problems[0]}")
     if small:
         _say(f"{small} of {total - len(problems)} images are smaller than --image-size {size} on their shorter "
              f"side and are upscaled")
-    return ImageData(sets[0], sets[0], sets[1], tuple(classes))
+    return ImageData(*sets, tuple(classes))
+
+
+def _once_per_machine(make, key: str):
+    """make() on the first process of each machine; under torchrun the other processes
+    map its result from a file instead of decoding a copy of their own, so the decoded
+    images take memory once per machine, not once per process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return make()
+    import hashlib
+    import socket
+    import tempfile
+    tag = hashlib.sha1(f"{key}|{os.environ.get('MASTER_PORT')}|{socket.gethostname()}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"ssl-data-{tag}.pt"
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    try:
+        if first:
+            _write_atomic(path, lambda f: torch.save(make(), f))
+    finally:  # also when make() fails, so that the others are not left waiting
+        dist.barrier()
+    if not path.is_file():
+        fail("the first process of this machine could not decode the data (see its error above)")
+    result = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    dist.barrier()
+    if first:
+        path.unlink()  # the mappings stay valid; the file goes when the last process ends
+    return result
 
 
 def _load_torchvision(args) -> ImageData:
     import torchvision.datasets as tvd
     name, root = args.dataset, args.data_dir
+    first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if not first:
+        dist.barrier()  # under torchrun the first process downloads alone; the others then read its files
     try:
         if name in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -750,6 +947,9 @@ def _load_torchvision(args) -> ImageData:
         fail(f"{name} not found in {root} ({e}); pass --download, or --data-dir pointing at it")
     except OSError as e:  # no network, disk full, ...
         fail(f"could not download {name} into {root}: {e}")
+    finally:
+        if first and dist.is_available() and dist.is_initialized():
+            dist.barrier()  # also after a failure: the others then fail with their own one line
     sets = [TensorImages(_resize_in_chunks(x, args.image_size), y) for x, y in tensors]
     pretrain = sets[0]
     if name == "stl10":
@@ -860,22 +1060,59 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def random_resized_crop(x: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True) -> torch.Tensor:
-    """Per-image random crop of `scale` of the area and aspect `ratio`, resized back to the
-    input size (bilinear), and a random horizontal flip: torchvision's RandomResizedCrop
-    and RandomHorizontalFlip, batched. A crop that would leave the image is shrunk to fit."""
-    n, _, h, w = x.shape
-    dev = x.device
+def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
+                        size: int | None = None) -> torch.Tensor:
+    """Per-image random crop of `scale` of the area and aspect `ratio`, resized to the
+    output size (bilinear), and a random horizontal flip: torchvision's RandomResizedCrop
+    and RandomHorizontalFlip, batched. A crop that would leave the image is shrunk to fit.
+
+    x: (N, C, H, W), cropped back to its own size; or WholeImages, each crop a share of
+    its own image's area, anywhere in it, resized to `size` x `size`."""
+    whole = isinstance(x, WholeImages)
+    pixels = x.pixels if whole else x
+    n, c, h, w = pixels.shape
+    dev = pixels.device
     area = torch.empty(n, device=dev).uniform_(*scale)
     aspect = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of w, h
+    if whole:
+        hw = x.sizes.to(dev, pixels.dtype)
+        shape = hw[:, 0] / hw[:, 1]  # h / w of each image: the crop's area is a share of h * w
+        cw, ch = (area * aspect * shape).sqrt().clamp(max=1.0), (area / aspect / shape).sqrt().clamp(max=1.0)
+    else:
+        cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of w, h
     cx = (torch.rand(n, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
     cy = (torch.rand(n, device=dev) * (1 - ch) + ch / 2) * 2 - 1
     sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    if whole:  # from each image's own [-1, 1] to the padded batch, where it fills [-1, 2 w_i / W - 1]
+        return _sample(x, cw, ch, cx, cy, sign, size)
     zero = torch.zeros(n, device=dev)
     theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def centre_squares(x: WholeImages, size: int) -> torch.Tensor:
+    """The largest centred square of each whole image, resized to `size` (no randomness)."""
+    hw = x.sizes.to(x.pixels.device, x.pixels.dtype)
+    side = hw.min(1).values
+    zero, one = torch.zeros(len(x), device=hw.device), torch.ones(len(x), device=hw.device)
+    return _sample(x, side / hw[:, 1], side / hw[:, 0], zero, zero, one, size)
+
+
+def _sample(x: WholeImages, cw, ch, cx, cy, sign, size: int) -> torch.Tensor:
+    """Crops of whole images: widths and heights as fractions of each image (cw, ch), centres
+    in its own [-1, 1] coordinates (cx, cy), resampled to size x size (bilinear)."""
+    pixels = x.pixels
+    n, c, h, w = pixels.shape
+    hw = x.sizes.to(pixels.device, pixels.dtype)
+    fx, fy = hw[:, 1] / w, hw[:, 0] / h
+    zero = torch.zeros(n, device=pixels.device)
+    theta = torch.stack([torch.stack([cw * fx * sign, zero, (cx + 1) * fx - 1], 1),
+                         torch.stack([zero, ch * fy, (cy + 1) * fy - 1], 1)], 1)
+    grid = F.affine_grid(theta.to(pixels.dtype), [n, c, size, size], align_corners=False)
+    # collate_whole repeats each image's last row and column beside it, so the border
+    # samples see the image's edge, not the padding.
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -1458,21 +1695,33 @@ class Run:
         # generator it has at every epoch, and drawing from the global one would shift the
         # augmentations of a resumed run away from those of the uninterrupted run.
         gen = torch.Generator().manual_seed(self.args.seed + self.rank)
+        whole = isinstance(dataset, RaggedImages) or getattr(dataset, "view", "") == "train"
         return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
-                          drop_last=train, pin_memory=self.cuda, persistent_workers=workers > 0, generator=gen)
+                          drop_last=train, pin_memory=self.cuda, persistent_workers=workers > 0, generator=gen,
+                          collate_fn=collate_whole if whole else None)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move to the device (channels_last on CUDA) and wrap in DDP under torchrun."""
+        """Move to the device (channels_last on CUDA and CPU), wrap in DDP under torchrun, and
+        compile with --compile. unwrap() gives the plain module back."""
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.distributed:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
+        if self.args.compile:
+            model = torch.compile(model)
         return model
 
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 batch from the loader -> float in [0, 1] on this run's device."""
-        return to_float(images, self.device)
+    def to_device(self, images, whole: bool = False):
+        """A uint8 batch from the loader -> float in [0, 1] on this run's device. Whole images
+        of different sizes (image folders) become --image-size squares, each a random crop of
+        --min-crop to all of its image's area (RandomResizedCrop), unless `whole`: then they
+        stay WholeImages, for a method that crops them itself (SimCLR's and MoCo's views)."""
+        if not isinstance(images, WholeImages):
+            return to_float(images, self.device)
+        x = WholeImages(to_float(images.pixels, self.device), images.sizes.to(self.device))
+        return x if whole else random_resized_crop(x, scale=(self.args.min_crop, 1.0), flip=False,
+                                                   size=self.args.image_size)
 
     def format(self, x: torch.Tensor) -> torch.Tensor:
         """The model's input memory layout (channels_last on CUDA, as prepare() set the model)."""
@@ -1565,6 +1814,8 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -52,7 +52,7 @@ class Args(common.Args):
 # ---------------------------------------------------------------------------
 def augment(x: torch.Tensor, args: Args) -> torch.Tensor:
     """The MoCo CIFAR demo's (= v2's) augmentation, batched on the device; v1 had no blur."""
-    x = common.random_resized_crop(x, scale=(args.min_crop, 1.0))
+    x = common.random_resized_crop(x, scale=(args.min_crop, 1.0), size=args.image_size)  # of the whole image
     x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
     x = common.random_grayscale(x, p=0.2)
     if args.blur:
@@ -217,7 +217,7 @@ def train(args: Args):
         lr = common.cosine_lr(step, total_steps, args.lr) if args.schedule == "cosine" else \
             args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))  # v1: x 0.1 at 60% and 80%
         common.set_lr(optimizer, lr)
-        x = run.to_device(images)  # a minibatch of N images
+        x = run.to_device(images, whole=True)  # a minibatch of N images (whole images for image folders)
         x_q, x_k = augment(x, args), augment(x, args)  # two random augmentations
         N = len(x)
         with run.autocast():
@@ -228,7 +228,7 @@ def train(args: Args):
                 k = unshuffle_keys(k, unshuffle)
         l_pos, l_neg = contrastive_logits(q, k, moco.queue)  # N x 1 (bmm), N x K (mm)
         logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
-        labels = torch.zeros(N, dtype=torch.long, device=x.device)  # the positive is index 0
+        labels = torch.zeros(N, dtype=torch.long, device=q.device)  # the positive is index 0
         loss = F.cross_entropy(logits / moco.t, labels)
         run.check_finite(loss)
         optimizer.zero_grad(set_to_none=True)

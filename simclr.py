@@ -60,8 +60,10 @@ def parse_augment(spec: str, image_size: int) -> set[str]:
 
 def augment(x: torch.Tensor, chosen: set[str], args: Args) -> torch.Tensor:
     """One random view of each image (paper appendix A), batched on the device."""
-    if "crop" in chosen:  # random resized crop + horizontal flip
-        x = common.random_resized_crop(x, scale=(args.min_crop, 1.0))
+    if "crop" in chosen:  # random resized crop + horizontal flip (of the whole image, for image folders)
+        x = common.random_resized_crop(x, scale=(args.min_crop, 1.0), size=args.image_size)
+    elif isinstance(x, common.WholeImages):  # no crop: the same centred square every time
+        x = common.centre_squares(x, args.image_size)
     if "color" in chosen:  # colour distortion: jitter (p = 0.8), then greyscale (p = 0.2)
         s = args.color_strength
         x = common.color_jitter(x, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
@@ -174,7 +176,7 @@ def train(args: Args):
     model.train()
     for step, (images, _) in run.steps(loader, parts):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        x = run.to_device(images)
+        x = run.to_device(images, whole=True)  # image folders: each view is cropped from the whole image
         x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
         with run.autocast():
             # One forward pass for both views, so batch norm sees all 2N views together.

@@ -1,0 +1,193 @@
+"""Image folders as users have them: the layouts, whole images kept at the load size,
+crops taken from the whole image, the evaluation view, fast decoding, --compile."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import rotation
+from conftest import ROOT, script_env
+
+
+def _photo(h: int, w: int, seed: int) -> torch.Tensor:
+    """A smooth random uint8 image (3, h, w): no two alike."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(1, 3, 4, 5, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    return (x[0] * 255).round().to(torch.uint8)
+
+
+def _folder(root: Path, layout: dict[str, int], size=(48, 64), ext="jpg") -> Path:
+    """layout: {"train/a": 6, "val/b": 2, ...} -> that many images in each folder."""
+    from torchvision.io import write_jpeg, write_png
+    seed = 0
+    for folder, count in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            x, seed = _photo(*size, seed), seed + 1
+            path = str(root / folder / f"{i:03d}.{ext}")
+            write_jpeg(x, path, quality=95) if ext == "jpg" else write_png(x, path)
+    return root
+
+
+def _args(**kw):
+    return common.parse_args(common.Args, [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+
+
+# -- layouts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("test_split", ["val", "test", "valid"])
+def test_train_and_val_or_test_layouts(tmp_path, test_split, capsys):
+    root = _folder(tmp_path, {"train/cat": 5, "train/dog": 4, f"{test_split}/cat": 2, f"{test_split}/dog": 1})
+    data = common.load_image_data(_args(dataset="folder", data_dir=root, image_size=32, workers=0))
+    assert (len(data.train), len(data.test), data.classes) == (9, 3, ("cat", "dog"))
+    assert sorted(data.test.labels.tolist()) == [0, 0, 1]
+    assert f"data: 2 classes, 9 training images (train/), 3 test images ({test_split}/)" in capsys.readouterr().out
+
+
+def test_one_folder_is_split_90_10_and_says_so(tmp_path, capsys):
+    root = _folder(tmp_path, {"cat": 10, "dog": 10})
+    data = common.load_image_data(_args(dataset="folder", data_dir=root, image_size=32, workers=0))
+    assert (len(data.train), len(data.test)) == (18, 2)
+    assert "data: 2 classes, 18 training images (90% of the folder), 2 test images (a fixed 10% of it)" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout, needle", [
+    ({"train/cat": 2, "train/dog": 2}, "has a train/ folder but no val/ or test/ beside it"),
+    ({"val/cat": 2, "cat": 2}, "has a val/ folder but no train/ beside it"),
+    ({"train/cat": 2, "test": 2}, "holds images but no class folders"),
+])
+def test_split_named_folders_never_become_classes(tmp_path, layout, needle):
+    root = _folder(tmp_path / "data", layout)
+    proc = subprocess.run([sys.executable, "rotation.py", "--dataset", "folder", "--data-dir", str(root),
+                           "--out", str(tmp_path / "run")], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "Traceback" not in err and err.count("\n") == 0, err
+    assert needle in err, err
+
+
+# -- whole images, the training crops and the evaluation view ---------------------------
+def test_photos_are_kept_whole_at_the_load_size_and_evaluated_as_torchvision_does(tmp_path):
+    from torchvision.transforms import v2
+    root = _folder(tmp_path, {"train/a": 3, "train/b": 3, "val/a": 1, "val/b": 1}, size=(150, 200))
+    data = common.load_image_data(_args(dataset="folder", data_dir=root, image_size=56, workers=0))
+    assert isinstance(data.pretrain, common.RaggedImages)
+    whole, _ = data.pretrain[0]
+    assert whole.shape == (3, 64, 85)  # shorter side 56 / 0.875 = 64, aspect kept: the whole photo
+    # Evaluation: torchvision's Resize(64) + CenterCrop(56) of the decoded file.
+    original = common.read_image(sorted((root / "val" / "a").iterdir())[0])
+    expected = v2.Compose([v2.Resize(64, antialias=True), v2.CenterCrop(56)])(original)
+    assert torch.equal(data.test[0][0], expected)
+    more = common.load_image_data(_args(dataset="folder", data_dir=root, image_size=56, workers=0, load_size=120))
+    assert more.pretrain[0][0].shape == (3, 120, 160)  # --load-size keeps more of the photo's detail
+    assert torch.equal(more.test[0][0], expected)  # and evaluation does not change
+
+
+def test_small_square_images_stay_plain_square_batches(tiny_folder):
+    data = common.load_image_data(_args(dataset="folder", data_dir=tiny_folder, image_size=32, workers=0))
+    assert isinstance(data.pretrain, common.TensorImages) and data.pretrain is data.train  # CIFAR-like: as before
+
+
+def test_collate_pads_whole_images_with_their_own_edges():
+    a, b = _photo(4, 6, 0), _photo(5, 3, 1)
+    batch, labels = common.collate_whole([(a, 0), (b, 1)])
+    assert batch.pixels.shape == (2, 3, 5, 6) and batch.sizes.tolist() == [[4, 6], [5, 3]]
+    assert torch.equal(batch.pixels[0, :, :4, :6], a) and torch.equal(batch.pixels[1, :, :5, :3], b)
+    assert torch.equal(batch.pixels[1, :, :, 3:], b[:, :, -1:].expand(3, 5, 3))  # last column repeated
+    assert torch.equal(batch.pixels[0, :, 4], a[:, 3])  # last row repeated
+    square, _ = common.collate_whole([(_photo(8, 8, 2), 0), (_photo(8, 8, 3), 1)])
+    assert isinstance(square, torch.Tensor) and square.shape == (2, 3, 8, 8)
+
+
+def test_a_crop_of_all_of_a_whole_image_is_that_image_resized():
+    """scale 1 at the image's own aspect: the crop is the whole image, wherever it sits in
+    the padded batch, resampled as F.interpolate (bilinear) resamples it."""
+    wide, tall = _photo(20, 40, 0).float() / 255, _photo(30, 15, 1).float() / 255
+    batch, _ = common.collate_whole([(wide, 0), (tall, 1)])
+    for i, (img, aspect) in enumerate(((wide, 2.0), (tall, 0.5))):
+        one = common.WholeImages(batch.pixels[i:i + 1], batch.sizes[i:i + 1])
+        out = common.random_resized_crop(one, scale=(1.0, 1.0), ratio=(aspect, aspect), flip=False, size=16)
+        expected = F.interpolate(img[None], size=(16, 16), mode="bilinear", align_corners=False)
+        assert (out - expected).abs().max() < 1e-5
+
+
+def test_crops_come_from_anywhere_in_the_whole_image():
+    """An image whose value is its column: small crops land all over it, borders included,
+    and never read the padding of the batch."""
+    w = 64
+    ramp = (torch.arange(w, dtype=torch.float32) + 0.5).div(w).expand(3, 16, w).clone()
+    batch, _ = common.collate_whole([(ramp, 0), (torch.zeros(3, 40, 100), 1)])  # pads the ramp to 40 x 100
+    x = common.WholeImages(batch.pixels[:1].expand(4000, -1, -1, -1), batch.sizes[:1].expand(4000, -1))
+    torch.manual_seed(0)
+    crops = common.random_resized_crop(x, scale=(0.02, 0.05), flip=False, size=8)
+    centres = crops.mean((1, 2, 3))
+    assert centres.min() < 0.1 and centres.max() > 0.9  # both borders of the photo are seen
+    assert crops.max() <= 1.0 and crops.min() >= 0.0
+    assert (crops[:, :, :, 1:] >= crops[:, :, :, :-1] - 1e-6).all()  # left-to-right order kept (no flip)
+
+
+def test_to_device_makes_squares_from_whole_images_unless_asked_for_them(tmp_path):
+    args = common.parse_args(common.Args, ["--out", str(tmp_path), "--image-size", "24", "--min-crop", "0.5"])
+    run = common.Run(args, "demo")
+    try:
+        batch, _ = common.collate_whole([(_photo(30, 40, 0), 0), (_photo(40, 30, 1), 1)])
+        squares = run.to_device(batch)
+        assert squares.shape == (2, 3, 24, 24) and squares.dtype == torch.float32
+        whole = run.to_device(batch, whole=True)
+        assert isinstance(whole, common.WholeImages) and whole.pixels.max() <= 1.0
+        centred = common.centre_squares(whole, 24)
+        expected = F.interpolate(whole.pixels[:1, :, :30, 5:35], size=(24, 24), mode="bilinear", align_corners=False)
+        assert (centred[:1] - expected).abs().max() < 1e-5
+    finally:
+        run.close()
+
+
+def test_decoding_with_torchvision_matches_pil(tmp_path):
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    root = _folder(tmp_path / "png", {"a": 1}, ext="png")
+    path = next((root / "a").iterdir())
+    with Image.open(path) as im:
+        assert torch.equal(common.read_image(path), pil_to_tensor(im.convert("RGB")))
+    Image.new("RGB", (7, 5), (10, 200, 30)).save(tmp_path / "x.bmp")  # a format torchvision.io does not read
+    assert common.read_image(tmp_path / "x.bmp").shape == (3, 5, 7)
+
+
+def test_methods_train_on_a_folder_of_photos(tmp_path):
+    """Every image method once on whole photos (SimCLR crops its views from the whole image)."""
+    root = _folder(tmp_path / "photos", {"train/a": 20, "train/b": 20, "val/a": 4, "val/b": 4}, size=(60, 80))
+    for method in ("rotation", "simclr", "moco", "colorization"):
+        module = __import__(method)
+        extra = ["--queue-size", "32", "--bn-splits", "2"] if method == "moco" else []
+        results = module.main(["--dataset", "folder", "--data-dir", str(root), "--image-size", "32", "--workers", "0",
+                               "--batch-size", "16", "--max-steps", "2", "--out", str(tmp_path / method),
+                               "--log-every", "0", *extra])
+        assert results["steps"] == 2 and 0 <= results["knn_top1"] <= 1, method
+
+
+def test_a_folder_too_large_for_memory_is_read_whole_from_disk(tmp_path, monkeypatch):
+    root = _folder(tmp_path / "photos", {"train/a": 20, "train/b": 20, "val/a": 4, "val/b": 4}, size=(60, 80))
+    monkeypatch.setattr(common, "_CACHE_BYTES", 0)
+    args = _args(dataset="folder", data_dir=root, image_size=32, workers=0)
+    data = common.load_image_data(args)
+    assert isinstance(data.pretrain, common.FolderImages) and data.pretrain[0][0].shape == (3, 37, 49)
+    assert data.train[0][0].shape == (3, 32, 32)
+    results = rotation.main(["--dataset", "folder", "--data-dir", str(root), "--image-size", "32", "--workers", "2",
+                             "--batch-size", "16", "--max-steps", "3", "--out", str(tmp_path / "run"), "--no-eval"])
+    assert results["steps"] == 3
+
+
+# -- torch.compile -----------------------------------------------------------------------
+def test_compile_runs_a_few_finite_steps(tiny_folder, tmp_path):
+    results = rotation.main(["--dataset", "folder", "--data-dir", str(tiny_folder), "--batch-size", "16",
+                             "--workers", "0", "--max-steps", "3", "--compile", "--no-eval", "--log-every", "0",
+                             "--out", str(tmp_path)])
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert results["steps"] == 3 and len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])  # saved as the plain module
