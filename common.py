@@ -678,19 +678,22 @@ class FolderImages(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _views(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        keep, eval_side = sizes_for(min(x.shape[-2:]), self.image_size, self.load_size)
-        whole = resize_shorter(x, keep) if self.view == "train" else None
-        return whole, centre_crop(resize_shorter(x, eval_side), self.image_size)
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_shorter(x, sizes_for(min(x.shape[-2:]), self.image_size, self.load_size)[0])
+
+    def _square(self, x: torch.Tensor) -> torch.Tensor:
+        side = sizes_for(min(x.shape[-2:]), self.image_size, self.load_size)[1]
+        return centre_crop(resize_shorter(x, side), self.image_size)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            whole, square = self._views(read_image(path))
+            x = read_image(path)
+            x = self._whole(x) if self.view == "train" else self._square(x)
         except Exception as e:  # any decoding failure of this one file
             warnings.warn(f"{path} cannot be decoded ({_why(e)}); a black image stands in for it")
-            whole = square = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
-        return (whole if self.view == "train" else square), torch.tensor(label)
+            x = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+        return x, torch.tensor(label)
 
 
 class _Decoded(FolderImages):
@@ -701,7 +704,7 @@ class _Decoded(FolderImages):
         path, label = self.samples[i]
         try:
             x = read_image(path)
-            whole, square = self._views(x)
+            whole, square = (self._whole(x) if self.view == "train" else None), self._square(x)
         except Exception as e:  # reported once, by the caller, with the count
             return None, None, label, 0, f"{path} ({_why(e)})"
         return whole, square, label, min(x.shape[-2:]), ""
@@ -1066,8 +1069,9 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     output size (bilinear), and a random horizontal flip: torchvision's RandomResizedCrop
     and RandomHorizontalFlip, batched. A crop that would leave the image is shrunk to fit.
 
-    x: (N, C, H, W), cropped back to its own size; or WholeImages, each crop a share of
-    its own image's area, anywhere in it, resized to `size` x `size`."""
+    x: (N, C, H, W) float, cropped back to its own size; or WholeImages (uint8 or float
+    pixels), each crop a share of its own image's area, anywhere in it, resized to
+    `size` x `size`, float in [0, 1]."""
     whole = isinstance(x, WholeImages)
     pixels = x.pixels if whole else x
     n, c, h, w = pixels.shape
@@ -1075,7 +1079,7 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     area = torch.empty(n, device=dev).uniform_(*scale)
     aspect = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
     if whole:
-        hw = x.sizes.to(dev, pixels.dtype)
+        hw = x.sizes.to(dev, torch.float32)
         shape = hw[:, 0] / hw[:, 1]  # h / w of each image: the crop's area is a share of h * w
         cw, ch = (area * aspect * shape).sqrt().clamp(max=1.0), (area / aspect / shape).sqrt().clamp(max=1.0)
     else:
@@ -1083,8 +1087,8 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     cx = (torch.rand(n, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
     cy = (torch.rand(n, device=dev) * (1 - ch) + ch / 2) * 2 - 1
     sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
-    if whole:  # from each image's own [-1, 1] to the padded batch, where it fills [-1, 2 w_i / W - 1]
-        return _sample(x, cw, ch, cx, cy, sign, size)
+    if whole:
+        return crop_whole(x, cw, ch, cx, cy, sign, size)
     zero = torch.zeros(n, device=dev)
     theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
@@ -1093,26 +1097,41 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
 
 def centre_squares(x: WholeImages, size: int) -> torch.Tensor:
     """The largest centred square of each whole image, resized to `size` (no randomness)."""
-    hw = x.sizes.to(x.pixels.device, x.pixels.dtype)
+    hw = x.sizes.to(x.pixels.device, torch.float32)
     side = hw.min(1).values
     zero, one = torch.zeros(len(x), device=hw.device), torch.ones(len(x), device=hw.device)
-    return _sample(x, side / hw[:, 1], side / hw[:, 0], zero, zero, one, size)
+    return crop_whole(x, side / hw[:, 1], side / hw[:, 0], zero, zero, one, size)
 
 
-def _sample(x: WholeImages, cw, ch, cx, cy, sign, size: int) -> torch.Tensor:
-    """Crops of whole images: widths and heights as fractions of each image (cw, ch), centres
-    in its own [-1, 1] coordinates (cx, cy), resampled to size x size (bilinear)."""
+def crop_whole(x: WholeImages, cw, ch, cx, cy, sign, size: int, batched: bool | None = None) -> torch.Tensor:
+    """Crops of whole images, float (N, 3, size, size) in [0, 1]: widths and heights as
+    fractions of each image (cw, ch), centres in its own [-1, 1] coordinates (cx, cy),
+    mirrored where sign < 0. batched (default: on GPUs): one bilinear grid_sample for the
+    batch. Otherwise (the CPU default) each crop is cut from the uint8 image, its box
+    rounded to whole pixels as torchvision's RandomResizedCrop does, and resized with the
+    antialiased uint8 kernel torchvision uses: several times faster on a CPU than sampling
+    the float batch (benchmarks/data_pipeline.py)."""
     pixels = x.pixels
     n, c, h, w = pixels.shape
-    hw = x.sizes.to(pixels.device, pixels.dtype)
-    fx, fy = hw[:, 1] / w, hw[:, 0] / h
-    zero = torch.zeros(n, device=pixels.device)
-    theta = torch.stack([torch.stack([cw * fx * sign, zero, (cx + 1) * fx - 1], 1),
-                         torch.stack([zero, ch * fy, (cy + 1) * fy - 1], 1)], 1)
-    grid = F.affine_grid(theta.to(pixels.dtype), [n, c, size, size], align_corners=False)
-    # collate_whole repeats each image's last row and column beside it, so the border
-    # samples see the image's edge, not the padding.
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    hw = x.sizes.to(pixels.device, torch.float32)
+    if batched if batched is not None else pixels.device.type != "cpu":
+        p = pixels.float().div(255) if pixels.dtype == torch.uint8 else pixels
+        fx, fy = hw[:, 1] / w, hw[:, 0] / h  # image i fills [-1, 2 w_i / W - 1] of the padded batch
+        zero = torch.zeros(n, device=pixels.device)
+        theta = torch.stack([torch.stack([cw * fx * sign, zero, (cx + 1) * fx - 1], 1),
+                             torch.stack([zero, ch * fy, (cy + 1) * fy - 1], 1)], 1)
+        grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+        # collate_whole repeats each image's last row and column beside it, so the border
+        # samples see the image's edge, not the padding.
+        return F.grid_sample(p, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    width, height = (cw * hw[:, 1]).round().clamp(min=1), (ch * hw[:, 0]).round().clamp(min=1)
+    left = ((cx + 1) / 2 * hw[:, 1] - width / 2).round().clamp(min=0).minimum(hw[:, 1] - width)
+    top = ((cy + 1) / 2 * hw[:, 0] - height / 2).round().clamp(min=0).minimum(hw[:, 0] - height)
+    boxes = torch.stack([top, left, height, width], 1).long().tolist()
+    out = torch.cat([F.interpolate(pixels[i:i + 1, :, t:t + bh, l:l + bw], size=(size, size), mode="bilinear",
+                                   antialias=True) for i, (t, l, bh, bw) in enumerate(boxes)])
+    out = torch.where((sign < 0).view(n, 1, 1, 1), out.flip(-1), out)
+    return out.float().div_(255) if out.dtype == torch.uint8 else out
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -1716,10 +1735,10 @@ class Run:
         """A uint8 batch from the loader -> float in [0, 1] on this run's device. Whole images
         of different sizes (image folders) become --image-size squares, each a random crop of
         --min-crop to all of its image's area (RandomResizedCrop), unless `whole`: then they
-        stay WholeImages, for a method that crops them itself (SimCLR's and MoCo's views)."""
+        stay WholeImages (uint8), for a method that crops them itself (SimCLR's, MoCo's views)."""
         if not isinstance(images, WholeImages):
             return to_float(images, self.device)
-        x = WholeImages(to_float(images.pixels, self.device), images.sizes.to(self.device))
+        x = WholeImages(images.pixels.to(self.device, non_blocking=True), images.sizes.to(self.device))
         return x if whole else random_resized_crop(x, scale=(self.args.min_crop, 1.0), flip=False,
                                                    size=self.args.image_size)
 

@@ -64,7 +64,7 @@ def torchvision_pipeline(train, size, a, device):
 
 
 def _crops(images, size, device):
-    x = common.WholeImages(common.to_float(images.pixels, device), images.sizes.to(device)) \
+    x = common.WholeImages(images.pixels.to(device), images.sizes.to(device)) \
         if isinstance(images, common.WholeImages) else common.to_float(images, device)
     return common.random_resized_crop(x, size=size)
 

@@ -104,16 +104,25 @@ def test_collate_pads_whole_images_with_their_own_edges():
     assert isinstance(square, torch.Tensor) and square.shape == (2, 3, 8, 8)
 
 
-def test_a_crop_of_all_of_a_whole_image_is_that_image_resized():
+@pytest.mark.parametrize("batched, size", [(False, 16), (True, 48)])
+def test_a_crop_of_all_of_a_whole_image_is_that_image_resized(batched, size):
     """scale 1 at the image's own aspect: the crop is the whole image, wherever it sits in
-    the padded batch, resampled as F.interpolate (bilinear) resamples it."""
-    wide, tall = _photo(20, 40, 0).float() / 255, _photo(30, 15, 1).float() / 255
+    the padded batch, resampled as F.interpolate resamples it: per image with antialias
+    (the CPU path), or as one batched grid (the GPU path; bilinear, checked upscaling)."""
+    wide, tall = _photo(20, 40, 0), _photo(30, 15, 1)
     batch, _ = common.collate_whole([(wide, 0), (tall, 1)])
     for i, (img, aspect) in enumerate(((wide, 2.0), (tall, 0.5))):
         one = common.WholeImages(batch.pixels[i:i + 1], batch.sizes[i:i + 1])
-        out = common.random_resized_crop(one, scale=(1.0, 1.0), ratio=(aspect, aspect), flip=False, size=16)
-        expected = F.interpolate(img[None], size=(16, 16), mode="bilinear", align_corners=False)
+        n = torch.ones(1)
+        out = common.crop_whole(one, n, n, 0 * n, 0 * n, n, size, batched=batched)
+        if batched:
+            expected = F.interpolate(img[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False)
+        else:
+            expected = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True).float() / 255
         assert (out - expected).abs().max() < 1e-5
+        torch.manual_seed(0)
+        random = common.random_resized_crop(one, scale=(1.0, 1.0), ratio=(aspect, aspect), flip=False, size=size)
+        assert torch.equal(random, common.crop_whole(one, n, n, 0 * n, 0 * n, n, size)) or batched
 
 
 def test_crops_come_from_anywhere_in_the_whole_image():
@@ -139,10 +148,10 @@ def test_to_device_makes_squares_from_whole_images_unless_asked_for_them(tmp_pat
         squares = run.to_device(batch)
         assert squares.shape == (2, 3, 24, 24) and squares.dtype == torch.float32
         whole = run.to_device(batch, whole=True)
-        assert isinstance(whole, common.WholeImages) and whole.pixels.max() <= 1.0
+        assert isinstance(whole, common.WholeImages) and torch.equal(whole.pixels, batch.pixels)
         centred = common.centre_squares(whole, 24)
-        expected = F.interpolate(whole.pixels[:1, :, :30, 5:35], size=(24, 24), mode="bilinear", align_corners=False)
-        assert (centred[:1] - expected).abs().max() < 1e-5
+        expected = F.interpolate(whole.pixels[:1, :, :30, 5:35], size=(24, 24), mode="bilinear", antialias=True)
+        assert (centred[:1] - expected.float() / 255).abs().max() < 1e-5
     finally:
         run.close()
 
