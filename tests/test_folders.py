@@ -200,3 +200,14 @@ def test_compile_runs_a_few_finite_steps(tiny_folder, tmp_path):
     assert results["steps"] == 3 and len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in state["model"])  # saved as the plain module
+
+
+def test_a_missing_dataset_under_torchrun_fails_on_every_process_without_waiting(tmp_path):
+    """Rank 0 looks for (or downloads) the data first while the others wait at a barrier;
+    when it fails, the others are released and fail with the same one line."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "rotation.py", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out",
+                           str(tmp_path / "run")], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: cifar10 not found") == 2, proc.stderr[-3000:]
