@@ -119,7 +119,8 @@ class ContextEncoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Real image or one whose hole was filled by the context encoder? (a small DCGAN-style net)"""
+    """Real, or predicted by the context encoder? It sees what disc_view gives: the hole
+    region for the central mask, the whole image for random masks (a small DCGAN-style net)."""
 
     def __init__(self):
         super().__init__()
@@ -141,6 +142,19 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor
     loss does not depend on the size of the hole; pixels outside M do not count."""
     m = mask.expand_as(x)
     return ((m * (x - x_hat)) ** 2).sum() / m.sum().clamp(min=1)
+
+
+def disc_view(img: torch.Tensor, mask_kind: str, hole: float) -> torch.Tensor:
+    """What the adversarial discriminator judges (paper sec. 3.2): for the central hole,
+    the hole region alone, so D compares the predicted centre with real centres and
+    pushes the fill itself towards sharp, plausible content; for random holes (blocks,
+    region), the whole image: for a fake, the raw output of the encoder-decoder."""
+    if mask_kind != "center":
+        return img
+    size = img.shape[-1]
+    side = max(1, round(hole * size))
+    top = (size - side) // 2  # as make_masks places the central square
+    return img[..., top:top + side, top:top + side]
 
 
 def encoder_of(backbone: nn.Module) -> nn.Module:
@@ -234,10 +248,10 @@ def train(args: Args):
         with run.autocast():
             x_hat = model(run.format(mask_images(x, m))).float()  # F((1 - M) * x)
             loss_rec = reconstruction_loss(x, x_hat, m)
-            filled = x * (1 - m) + x_hat * m
-            # L_adv for the encoder-decoder: make D call the filled image real (the
+            fake = disc_view(x_hat, args.mask, args.hole)  # the predicted hole (centre), or the raw output
+            # L_adv for the encoder-decoder: make D call its prediction real (the
             # non-saturating form of max_D E[log D(x) + log(1 - D(F((1 - M) x)))]).
-            loss_adv = F.binary_cross_entropy_with_logits(disc(filled).float(), torch.ones(len(x), device=x.device)) \
+            loss_adv = F.binary_cross_entropy_with_logits(disc(fake).float(), torch.ones(len(x), device=x.device)) \
                 if adversarial else torch.zeros((), device=x.device)
             loss = args.rec_weight * loss_rec + args.adv_weight * loss_adv
         run.check_finite(loss)
@@ -245,11 +259,11 @@ def train(args: Args):
         loss.backward()
         opt_g.step()
         loss_d = torch.zeros(())
-        if adversarial:  # D: real images -> 1, filled ones -> 0
+        if adversarial:  # D: the same view of real images -> 1, of predictions -> 0
             with run.autocast():
-                real, fake = disc(x).float(), disc(filled.detach()).float()
-                loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
-                    F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+                d_real, d_fake = disc(disc_view(x, args.mask, args.hole)).float(), disc(fake.detach()).float()
+                loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
+                    F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()

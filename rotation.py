@@ -100,9 +100,19 @@ class RotationNet(nn.Module):
         return self.head(self.backbone(self.normalize(x)))
 
 
-def encoder_of(backbone: nn.Module) -> nn.Module:
-    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features."""
-    return nn.Sequential(common.Normalize(), backbone)
+class DiscCut(nn.Module):
+    """Images cut to their inscribed disc, as every view of the 8-angle task is."""
+
+    def forward(self, x):
+        return x * _disc(x.shape[-1], x.device, x.dtype)
+
+
+def encoder_of(backbone: nn.Module, num_angles: int = 4) -> nn.Module:
+    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features. The 8-angle
+    network was trained on discs only, so it is evaluated on discs too (its random-init
+    baseline as well); a square's corners would be inputs it never saw."""
+    cut = [DiscCut()] if num_angles == 8 else []
+    return nn.Sequential(*cut, common.Normalize(), backbone)
 
 
 @torch.no_grad()
@@ -160,8 +170,8 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data, run.device,
-                                       args.workers))
+        results.update(common.evaluate(encoder_of(net.backbone, args.angles), encoder_of(random_backbone, args.angles),
+                                       data, run.device, args.workers))
     run.finish(results)
     return results
 

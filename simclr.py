@@ -40,6 +40,7 @@ class Args(common.Args):
     augment: str = "all"  # comma list of crop, color, blur, or all (crop,color, + blur at >= 96 px); paper Fig. 5
     color_strength: float = 0.5  # colour distortion strength s; paper: 0.5 for CIFAR-10, 1.0 for ImageNet
     min_crop: float = 0.5  # smallest crop, fraction of the area; paper: 0.08. At 32 px small crops miss the object (README)
+    sync_bn: bool = True  # under torchrun on GPUs: batch norm statistics over all processes (paper sec. 2.2, global BN)
 
 
 # ---------------------------------------------------------------------------
@@ -122,8 +123,22 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
 
 
 # ---------------------------------------------------------------------------
-# Optimiser: LARS (You et al. 2017), as the paper uses for large batches
+# Large batches on many devices (paper sec. 2.2): global batch norm, LARS (You et al. 2017)
 # ---------------------------------------------------------------------------
+def global_batch_norm(model: nn.Module, run, wanted: bool) -> nn.Module:
+    """Under torchrun, batch norm over the global batch (SyncBatchNorm). With each
+    process normalising its own share, positives share their local statistics and a
+    network can tell them apart from negatives by those (paper sec. 2.2, "Global BN").
+    PyTorch's SyncBatchNorm runs on GPUs only: processes on CPUs keep their own."""
+    if not (wanted and run.distributed):
+        return model
+    if not run.cuda:
+        run.print("batch norm per process: SyncBatchNorm needs GPUs (--sync-bn applies under torchrun on CUDA)")
+        return model
+    run.print("batch norm over the global batch of all processes (SyncBatchNorm; --no-sync-bn turns it off)")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step for each weight matrix is scaled by the trust ratio
     eta * |w| / |g + wd * w|. Biases and BatchNorm parameters (1-d) get neither weight
@@ -162,7 +177,7 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    model = run.prepare(SimCLR(backbone, width, args.proj_dim, args.proj_bn))
+    model = run.prepare(global_batch_norm(SimCLR(backbone, width, args.proj_dim, args.proj_bn), run, args.sync_bn))
     if args.optimizer == "lars":
         optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:

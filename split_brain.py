@@ -4,8 +4,9 @@ Zhang, Isola, Efros, "Split-Brain Autoencoders: Unsupervised Learning by
 Cross-Channel Prediction", CVPR 2017. Split the input channels, X1 = L and
 X2 = ab, and the network into two disjoint halves of half the width: F1
 predicts ab from L, F2 predicts L from ab. Each half is trained with a
-classification loss over quantised values (the paper found it better than
-regression, Table 2). The representation is the concatenation of both
+classification loss over quantised values, each target softly spread over
+its nearest bins (the paper found classification better than regression,
+Table 2). The representation is the concatenation of both
 halves' features on the full Lab image.
 
     python split_brain.py                             # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
@@ -46,15 +47,30 @@ def ab_bins(grid: float = GRID) -> torch.Tensor:
     return torch.unique(torch.round(lab[:, 1:] / grid), dim=0) * grid
 
 
-def ab_classes(ab: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """ab (N, 2, h, w) -> index of the nearest bin (N, h, w)."""
-    n, _, h, w = ab.shape
-    return torch.cdist(ab.permute(0, 2, 3, 1).reshape(-1, 2), bins.to(ab)).argmin(1).view(n, h, w)
+def l_centres(l_bins: int) -> torch.Tensor:
+    """Centres (l_bins, 1) of the L bins over [0, 100]."""
+    return ((torch.arange(l_bins) + 0.5) * 100 / l_bins).view(-1, 1)
 
 
-def l_classes(L: torch.Tensor, l_bins: int) -> torch.Tensor:
-    """L in [0, 100], (N, 1, h, w) -> bin index (N, h, w), l_bins equal bins."""
-    return (L[:, 0] / 100 * l_bins).long().clamp(0, l_bins - 1)
+def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0) -> torch.Tensor:
+    """values (N, D, h, w) -> targets (N, Q, h, w): each pixel spread over its k nearest
+    bin centres (Q, D) with Gaussian weights exp(-d^2 / 2 sigma^2), summing to 1. This is
+    H(X) of the paper's classification loss (sec. 3.1, eq. 4), the soft encoding of the
+    colorization paper (Zhang et al. 2016, sec. 2.1): for ab k = 5, sigma = 5 (half a bin),
+    and for L the same, half an L bin. Neither paper's split-brain section rebalances
+    the classes, so neither half does here."""
+    n, d, h, w = values.shape
+    flat = values.permute(0, 2, 3, 1).reshape(-1, d)
+    d2 = torch.cdist(flat, centres.to(values)) ** 2  # P x Q
+    near_d2, near = d2.topk(min(k, len(centres)), dim=1, largest=False)
+    weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)
+    target = torch.zeros_like(d2).scatter_(1, near, weights)
+    return target.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-sum_q Z_q log softmax(logits)_q, averaged over pixels (paper eq. 4)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 def scale_lab(lab: torch.Tensor) -> torch.Tensor:
@@ -187,6 +203,7 @@ def train(args: Args):
     loader = run.loader(data.pretrain)
     bins = ab_bins().to(run.device)
     classify = args.loss == "classification"
+    L_bins = l_centres(args.l_bins).to(run.device)
     model = run.prepare(SplitBrain(args.backbone, args.image_size, len(bins) if classify else 2,
                                    args.l_bins if classify else 1))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -210,8 +227,8 @@ def train(args: Args):
         out1, out2 = out1.float(), out2.float()
         target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
         if classify:
-            loss1 = F.cross_entropy(out1, ab_classes(target[:, 1:], bins))  # L -> ab
-            loss2 = F.cross_entropy(out2, l_classes(target[:, :1], args.l_bins))  # ab -> L
+            loss1 = soft_cross_entropy(out1, soft_encode(target[:, 1:], bins, sigma=GRID / 2))  # L -> ab
+            loss2 = soft_cross_entropy(out2, soft_encode(target[:, :1], L_bins, sigma=50 / args.l_bins))  # ab -> L
         else:
             loss1 = F.mse_loss(out1, target[:, 1:] / 100)
             loss2 = F.mse_loss(out2, target[:, :1] / 50 - 1)

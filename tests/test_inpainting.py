@@ -120,3 +120,17 @@ def test_hole_sharpness_counts_edges_inside_the_hole_only():
     m = torch.zeros(1, 1, 4, 4)
     m[..., 1, 1:3] = 1
     assert inpainting.hole_sharpness(x, x, m) == (3.0, 3.0)
+
+
+def test_the_discriminator_judges_the_predicted_hole_or_the_raw_output():
+    """Paper sec. 3.2: with the central mask D sees the hole region only (real centres
+    against predicted centres); with random masks, the whole image: the raw output."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    m = inpainting.make_masks(2, 32, "center", 0.5)
+    view = inpainting.disc_view(x, "center", 0.5)
+    assert view.shape == (2, 3, 16, 16)
+    assert torch.equal(view, x[m.expand_as(x).bool()].view(2, 3, 16, 16))  # exactly the dropped pixels
+    for kind in ("blocks", "region"):
+        assert inpainting.disc_view(x, kind, 0.5) is x
+    assert inpainting.Discriminator()(view).shape == (2,)  # D takes the smaller view

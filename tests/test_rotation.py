@@ -174,3 +174,14 @@ def test_two_process_torchrun_on_cpu(tiny_folder, tmp_path):
     assert state["step"] == 3
     # 80 images per process per epoch at batch 16: both processes stepped together.
     assert json.loads((tmp_path / "eval.json").read_text())["steps"] == 3
+
+
+def test_the_eight_angle_encoder_is_evaluated_on_discs_like_its_training_views():
+    backbone = torch.nn.Identity()
+    x = torch.rand(2, 3, 16, 16)
+    four, eight = rotation.encoder_of(backbone, 4), rotation.encoder_of(backbone, 8)
+    normalise = common.Normalize()
+    assert torch.equal(four(x), normalise(x))
+    disc = rotation._disc(16, x.device, x.dtype)
+    assert torch.allclose(eight(x), normalise(x * disc))
+    assert torch.equal(eight(x)[:, :, 0, 0], normalise(torch.zeros(2, 3, 1, 1)).view(2, 3))  # corners black

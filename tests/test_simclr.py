@@ -129,3 +129,24 @@ def test_two_processes_compute_the_one_process_loss_and_shuffle_keys():
 def test_bad_augment_is_one_line(tmp_path):
     proc = run_script("simclr.py", "--augment", "crop,spin", "--out", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --augment")
+
+
+def test_global_batch_norm_under_torchrun_on_gpus():
+    """Paper sec. 2.2: batch norm statistics over all devices. On by default under
+    torchrun on GPUs (SyncBatchNorm); not for one process, CPU processes or --no-sync-bn."""
+    from types import SimpleNamespace
+
+    def model():
+        return simclr.SimCLR(common.build_backbone("small", 32)[0], 128, 128, proj_bn=True)
+
+    def norms(m):
+        return [type(x) for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def run(distributed, cuda):
+        return SimpleNamespace(distributed=distributed, cuda=cuda, print=lambda *a: None)
+
+    synced = norms(simclr.global_batch_norm(model(), run(True, True), wanted=True))
+    assert synced and set(synced) == {torch.nn.SyncBatchNorm}  # every batch norm, the head's too
+    for r, wanted in ((run(False, True), True), (run(True, False), True), (run(True, True), False)):
+        assert torch.nn.SyncBatchNorm not in norms(simclr.global_batch_norm(model(), r, wanted))
+    assert simclr.Args().sync_bn

@@ -34,18 +34,39 @@ def test_halves_are_half_as_wide_and_the_representation_concatenates_them():
     assert feats.shape == (3, 128)
 
 
-def test_targets_are_the_nearest_ab_bin_and_the_l_bin():
+def test_targets_are_soft_encodings_over_the_nearest_bins():
+    """H(X) of the paper's eq. 4: each value spread over its 5 nearest bins with Gaussian
+    weights; checked against the formula written pixel by pixel."""
     bins = sb.ab_bins()
     torch.manual_seed(0)
     ab = (torch.rand(2, 2, 3, 3) - 0.5) * 150
-    classes = sb.ab_classes(ab, bins)
+    target = sb.soft_encode(ab, bins, k=5, sigma=5.0)
+    assert target.shape == (2, len(bins), 3, 3) and torch.allclose(target.sum(1), torch.ones(2, 3, 3))
     for n in range(2):
         for i in range(3):
             for j in range(3):
-                d = ((bins - ab[n, :, i, j]) ** 2).sum(1)
-                assert classes[n, i, j] == d.argmin()
-    L = torch.tensor([0.0, 1.99, 2.0, 50.0, 99.9, 100.0]).view(1, 1, 1, 6)
-    assert sb.l_classes(L, 50).flatten().tolist() == [0, 0, 1, 25, 49, 49]
+                d2 = ((bins - ab[n, :, i, j]) ** 2).sum(1)
+                near = d2.argsort()[:5]
+                w = torch.exp(-d2[near] / (2 * 5.0 ** 2))
+                expected = torch.zeros(len(bins))
+                expected[near] = w / w.sum()
+                assert torch.allclose(target[n, :, i, j], expected, atol=1e-6)
+    centres = sb.l_centres(50)
+    assert centres[0, 0] == 1.0 and centres[-1, 0] == 99.0
+    L = torch.tensor([0.0, 1.99, 2.01, 50.5, 99.9, 100.0]).view(1, 1, 1, 6)
+    assert sb.soft_encode(L, centres, sigma=1.0).argmax(1).flatten().tolist() == [0, 0, 1, 25, 49, 49]
+
+
+def test_soft_cross_entropy_against_a_loop():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 3, 3), torch.softmax(torch.randn(2, 4, 3, 3), 1)
+    total = 0.0
+    for n in range(2):
+        for i in range(3):
+            for j in range(3):
+                p = torch.softmax(logits[n, :, i, j], 0)
+                total += -(target[n, :, i, j] * p.log()).sum()
+    assert torch.allclose(sb.soft_cross_entropy(logits, target), total / 18)
 
 
 def test_end_to_end_and_regression(tiny_folder, tmp_path):
