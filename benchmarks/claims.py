@@ -1,12 +1,15 @@
 """The lecture's claims, each turned into a small sweep and a table.
 
-    python benchmarks/claims.py                              # all claims, built-in data, default budgets (~50 min, 2 CPU cores)
-    python benchmarks/claims.py --claims moco_queue moco_momentum --epoch-scale 0.5
+    python benchmarks/claims.py                              # all claims, 3 seeds, built-in data (~2.5 h, 2 CPU cores)
+    python benchmarks/claims.py --claims moco_queue moco_momentum --epoch-scale 0.5 --seeds 2
     python benchmarks/claims.py --extra "--dataset folder --data-dir /tmp/cifar10-jpg" --out runs/claims-cifar
 
-Every row is one run of the method's own main() with the flags shown, evaluated
-with the common protocol; a row shared by two claims runs once. Each table ends
-with a verdict: whether our measurement agrees with the lecture, at this budget.
+Every row is the method's own main() with the flags shown, run with --seeds seeds
+(0, 1, ...) and evaluated with the common protocol; a row shared by two claims runs
+once. Each table gives mean ± standard deviation over the seeds and ends with a
+verdict: whether our measurement agrees with the lecture, at this budget. A
+difference counts only where it exceeds the spread (the better mean minus its
+standard deviation above the other mean plus its own), so one seed settles nothing.
 The inpainting and colorization claims also collect the runs' picture grids side
 by side in <out>/. Output: <out>/claims.md and <out>/results.json.
 """
@@ -18,6 +21,7 @@ import importlib
 import json
 import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,16 +32,45 @@ import common  # noqa: E402
 
 
 METRICS = (("knn_top1", "kNN"), ("linear_top1", "linear"))
-# Differences smaller than this (accuracy, or a ratio) count as ties: one seed per row, and
-# reruns of the same command on these short budgets move kNN accuracy by about this much.
-MARGIN = 0.01
 
 
-def _best(results: dict, key: str) -> str:
-    """The best row, or 'none clearly' when the runner-up is within MARGIN."""
-    ranked = sorted(results, key=lambda label: results[label][key], reverse=True)
-    if len(ranked) > 1 and results[ranked[0]][key] - results[ranked[1]][key] < MARGIN:
-        return f"none clearly ({ranked[0]} and {ranked[1]} within {MARGIN})"
+class Row:
+    """One row of a claim's table: the same command run with several seeds. mean(key) and
+    std(key) (sample standard deviation; 0 with one seed) of any figure in eval.json, and
+    of gain_<key>: each run's accuracy minus its own random init's."""
+
+    def __init__(self, runs: list[dict]):
+        self.runs = runs
+        self.n = len(runs)
+
+    def values(self, key: str) -> list[float]:
+        if key.startswith("gain_"):
+            key = key[len("gain_"):]
+            return [r[key] - r["random_" + key] for r in self.runs]
+        return [r[key] for r in self.runs]
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(self.values(key))
+
+    def std(self, key: str) -> float:
+        return statistics.stdev(self.values(key)) if self.n > 1 else 0.0
+
+    def show(self, key: str, fmt: str = ".3f") -> str:
+        return f"{self.mean(key):{fmt}}" + (f" ± {self.std(key):{fmt}}" if self.n > 1 else "")
+
+
+def beats(a: Row, b: Row, key: str) -> bool:
+    """a is clearly above b: the difference of the means exceeds the two spreads together
+    (mean - std of the better above mean + std of the other). Needs at least two seeds:
+    one run measures no spread, so it settles nothing."""
+    return min(a.n, b.n) > 1 and a.mean(key) - a.std(key) > b.mean(key) + b.std(key)
+
+
+def _best(rows: dict, key: str) -> str:
+    """The best row, or 'none clearly' when it does not beat the runner-up beyond the spread."""
+    ranked = sorted(rows, key=lambda label: rows[label].mean(key), reverse=True)
+    if len(ranked) > 1 and not beats(rows[ranked[0]], rows[ranked[1]], key):
+        return f"none clearly ({ranked[0]} and {ranked[1]} within their spread)"
     return ranked[0]
 
 
@@ -49,7 +82,7 @@ def _on_both(holds: dict, claim: str) -> str:
         return f"agrees: {claim} ({details})"
     if yes:
         return f"partly: {claim} holds for {' and '.join(yes)} only ({details})"
-    return f"disagrees: {claim} does not hold ({details})"
+    return f"not shown: {claim} does not hold beyond the spread of the seeds ({details})"
 
 
 def _rotation(r):
@@ -60,48 +93,54 @@ def _rotation(r):
 def _simclr(r):
     holds = {}
     for key, name in METRICS:
-        both, alone = r["crop + colour"][key], max(r["crop"][key], r["colour"][key])
-        holds[name] = (both > alone + MARGIN, f"{both:.3f} against {alone:.3f} for the better one alone")
+        alone = max((r["crop"], r["colour"]), key=lambda row: row.mean(key))
+        holds[name] = (beats(r["crop + colour"], alone, key),
+                       f"{r['crop + colour'].show(key)} against {alone.show(key)} for the better one alone")
     return _on_both(holds, "crop + colour beats either alone")
 
 
 def _queue(r):
     holds = {}
     for key, name in METRICS:
-        values = [v[key] for v in r.values()]
-        holds[name] = (all(a + MARGIN < b for a, b in zip(values, values[1:])), ", ".join(f"{v:.3f}" for v in values))
+        rows = list(r.values())
+        holds[name] = (all(beats(b, a, key) for a, b in zip(rows, rows[1:])), ", ".join(row.show(key) for row in rows))
     return _on_both(holds, "accuracy grows with the number of negatives")
 
 
 def _momentum(r):
     holds = {}
     for key, name in METRICS:
-        slow, fast = max(r["m = 0.99"][key], r["m = 0.999"][key]), max(r["m = 0"][key], r["m = 0.9"][key])
-        holds[name] = (slow > fast + MARGIN, f"best slow {slow:.3f}, best fast {fast:.3f}")
+        slow = max((r["m = 0.99"], r["m = 0.999"]), key=lambda row: row.mean(key))
+        fast = max((r["m = 0"], r["m = 0.9"]), key=lambda row: row.mean(key))
+        holds[name] = (beats(slow, fast, key), f"best slow {slow.show(key)}, best fast {fast.show(key)}")
     return _on_both(holds, "a slow key encoder (m = 0.99 or 0.999) beats a fast one (m = 0 or 0.9)")
 
 
 def _inpainting(r):
-    adv, rec = r["L_rec + L_adv (0.999 / 0.001)"]["hole_sharpness"], r["L_rec only"]["hole_sharpness"]
-    if adv > rec + MARGIN:
-        return f"agrees: the fill has stronger edges with the adversarial loss ({adv:.3f} against {rec:.3f} of the original's)"
-    return f"disagrees: the fill is not measurably sharper with the adversarial loss ({adv:.3f} against {rec:.3f})"
+    adv, rec = r["L_rec + L_adv (0.999 / 0.001)"], r["L_rec only"]
+    detail = f"edge strength of the fill {adv.show('hole_sharpness')} against {rec.show('hole_sharpness')}"
+    if beats(adv, rec, "hole_sharpness"):
+        return f"agrees: the fill has stronger edges with the adversarial loss ({detail} of the original's)"
+    return f"not shown: the fill is not sharper with the adversarial loss beyond the spread ({detail})"
 
 
 def _colour(r):
-    c, g = r["classification (rebalanced)"]["colourfulness"], r["regression (L2)"]["colourfulness"]
-    if c > g + MARGIN:
-        return f"agrees: classification gives more colourful output (chroma {c:.2f} of the true, regression {g:.2f})"
-    return f"disagrees: regression is as colourful ({g:.2f} against {c:.2f})"
+    c, g = r["classification (rebalanced)"], r["regression (L2)"]
+    detail = f"chroma {c.show('colourfulness', '.2f')} of the true, regression {g.show('colourfulness', '.2f')}"
+    if beats(c, g, "colourfulness"):
+        return f"agrees: classification gives more colourful output ({detail})"
+    return f"not shown: classification is not more colourful beyond the spread ({detail})"
 
 
 def _split_brain(r):
-    # Gains over each one's own random init: their random-init encoders differ (L and ab
-    # through two half networks, against L alone), so raw accuracies do not compare.
+    # Judged by the gain over each one's own random init: their random-init encoders differ
+    # (L and ab through two half networks, against L alone). The absolute accuracies are
+    # given beside it, since a reader compares those too.
     s, c = r["split-brain"], r["colorization"]
-    gains = {name: (s[key] - s["random_" + key], c[key] - c["random_" + key]) for key, name in METRICS}
-    return _on_both({name: (g[0] > g[1] + MARGIN, f"gain {g[0]:+.3f} against {g[1]:+.3f}")
-                     for name, g in gains.items()}, "split-brain's features gain more than colorization's")
+    return _on_both({name: (beats(s, c, "gain_" + key),
+                            f"gain {s.show('gain_' + key)} against {c.show('gain_' + key)}, absolute "
+                            f"{s.show(key)} against {c.show(key)}") for key, name in METRICS},
+                    "split-brain's features gain more than colorization's")
 
 
 CLAIMS = {
@@ -134,26 +173,30 @@ CLAIMS = {
 }
 
 
-def _pretext(r: dict) -> str:
+def _pretext(row: Row):
     for key, name, fmt in (("pretext_top1", "accuracy", ".3f"), ("pretext_hole_mse", "hole MSE", ".4f"),
                            ("hole_sharpness", "edge strength", ".3f"), ("pretext_ab_error", "ab error", ".2f"),
                            ("colourfulness", "colourfulness", ".2f"), ("pretext_L_error", "L error", ".2f")):
-        if key in r:
-            yield f"{name} {r[key]:{fmt}}"
+        if key in row.runs[0]:
+            yield f"{name} {row.show(key, fmt)}"
 
 
 def render(record: dict) -> str:
-    """The markdown tables, one per claim, each with its verdict."""
+    """The markdown tables, one per claim: mean ± standard deviation over the seeds, and the verdict."""
     text = []
     for claim, results in record.items():
         says, _, verdict = CLAIMS[claim]
+        rows = {label: Row(r["runs"]) for label, r in results.items()}
+        seeds = min(row.n for row in rows.values())
         lines = [f"### {claim}", "", f"Lecture: {says}", "",
-                 "| run | command | pretext | kNN | kNN random init | linear | linear random init |",
+                 f"Mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''} (`--seed` 0 to {seeds - 1}).",
+                 "", "| run | command | pretext | kNN | kNN random init | linear | linear random init |",
                  "|---|---|---|---|---|---|---|"]
-        for label, r in results.items():
-            lines.append(f"| {label} | `{r['command']}` | {', '.join(_pretext(r))} | {r['knn_top1']:.3f} | "
-                         f"{r['random_knn_top1']:.3f} | {r['linear_top1']:.3f} | {r['random_linear_top1']:.3f} |")
-        text += lines + ["", f"Measured: {verdict(results)}.", ""]
+        for label, row in rows.items():
+            lines.append(f"| {label} | `{results[label]['command']}` | {', '.join(_pretext(row))} | "
+                         f"{row.show('knn_top1')} | {row.show('random_knn_top1')} | {row.show('linear_top1')} | "
+                         f"{row.show('random_linear_top1')} |")
+        text += lines + ["", f"Measured: {verdict(rows)}.", ""]
     return "\n".join(text) + "\n"
 
 
@@ -163,6 +206,8 @@ def main(argv=None):
                    help=f"which claims (default: all: {' '.join(CLAIMS)})")
     p.add_argument("--epoch-scale", type=float, default=1.0,
                    help="each method's default epochs times this (rounded up), for a quicker or longer sweep")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row (0 to N-1): tables show mean ± standard "
+                                                        "deviation, verdicts need a difference beyond that spread")
     p.add_argument("--extra", default="", help="more options for every run, e.g. '--dataset folder --data-dir DIR'")
     p.add_argument("--out", default="", help="folder for the runs and tables (default: runs/claims-<date>-<time>)")
     p.add_argument("--render", action="store_true", help="train nothing: rewrite <out>/claims.md from "
@@ -177,7 +222,7 @@ def main(argv=None):
     if (out / "results.json").exists():  # its runs would refuse to be overwritten, one by one
         common.fail(f"--out {out} holds an earlier claims sweep; choose another --out (or --render it)")
     out.mkdir(parents=True, exist_ok=True)
-    done: dict[tuple, dict] = {}  # (method, flags) -> results; a row shared by two claims runs once
+    done: dict[tuple, dict] = {}  # (method, flags) -> the runs; a row shared by two claims runs once
     record = {}
     for claim in a.claims:
         _, rows, _ = CLAIMS[claim]
@@ -189,12 +234,17 @@ def main(argv=None):
             key = (method, tuple(argv_run))
             if key not in done:
                 folder = out / f"{method}-{len(done):02d}"
-                print(f"[claims] {claim}: {label}: python {method}.py {' '.join(argv_run)}", flush=True)
-                done[key] = {**module.main([*argv_run, "--out", str(folder), "--log-every", "30"]),
-                             "command": f"python {method}.py {' '.join(argv_run)}", "folder": str(folder)}
+                runs = []
+                for seed in range(a.seeds):
+                    print(f"[claims] {claim}: {label}: python {method}.py {' '.join(argv_run)} --seed {seed}",
+                          flush=True)
+                    runs.append(module.main([*argv_run, "--seed", str(seed), "--out", str(folder / f"seed{seed}"),
+                                             "--log-every", "30"]))
+                done[key] = {"runs": runs, "command": f"python {method}.py {' '.join(argv_run)}",
+                             "folder": str(folder)}
             results[label] = done[key]
-            grid = Path(done[key]["folder"]) / "grid.png"
-            if grid.is_file():  # the pictures behind the inpainting and colorization claims
+            grid = Path(done[key]["folder"]) / "seed0" / "grid.png"
+            if grid.is_file():  # the pictures behind the inpainting and colorization claims (seed 0)
                 shutil.copy(grid, out / f"{claim}-{label.split(' (')[0].replace(' ', '_').replace('+', 'and')}.png")
         record[claim] = results
         (out / "claims.md").write_text(render(record))  # kept, table by table, if stopped midway
