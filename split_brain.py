@@ -173,10 +173,12 @@ def save_grid(model, dataset, bins, args, device, path, n: int = 8):
 
 
 @torch.no_grad()
-def test_errors(model, dataset, bins, args, device, batch_size=256):
-    """Mean absolute errors of the decoded ab (from L) and L (from ab) on the test split."""
+def test_errors(model, dataset, bins, args, device, batch_size=256) -> dict:
+    """Mean absolute errors of the decoded ab (from L) and L (from ab) on the test split,
+    beside what a constant guess gets: grey (ab = 0) for ab, the test split's mean L for L."""
     model.eval()
     ab_err = l_err = count = 0.0
+    truth = []
     for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         x = common.to_float(images, device)
         out1, out2 = model(lab_input(x))
@@ -185,8 +187,12 @@ def test_errors(model, dataset, bins, args, device, batch_size=256):
         ab_err += (ab_hat - lab[:, 1:]).abs().mean().item() * len(x)
         l_err += (L_hat - lab[:, :1]).abs().mean().item() * len(x)
         count += len(x)
+        truth.append(lab)
     model.train()
-    return ab_err / count, l_err / count
+    lab = torch.cat(truth)
+    return {"pretext_ab_error": ab_err / count, "pretext_L_error": l_err / count,
+            "ab_error_grey_guess": lab[:, 1:].abs().mean().item(),
+            "L_error_mean_guess": (lab[:, :1] - lab[:, :1].mean()).abs().mean().item()}
 
 
 # ---------------------------------------------------------------------------
@@ -243,10 +249,10 @@ def train(args: Args):
     run.save_encoder(nn.ModuleDict({"f1": net.f1, "f2": net.f2}))
     if not run.is_main:
         return run.close()
-    ab_err, l_err = test_errors(net, data.test, bins, args, run.device)
-    results = {"pretext_ab_error": ab_err, "pretext_L_error": l_err, "steps": run.step}
-    run.print(f"test split: mean |ab error| from L {ab_err:.2f}, mean |L error| from ab {l_err:.2f} "
-              f"(grid: {run.out / 'grid.png'})")
+    results = {**test_errors(net, data.test, bins, args, run.device), "steps": run.step}
+    run.print(f"test split: mean |ab error| from L {results['pretext_ab_error']:.2f} (always grey: "
+              f"{results['ab_error_grey_guess']:.2f}), mean |L error| from ab {results['pretext_L_error']:.2f} "
+              f"(always the mean L: {results['L_error_mean_guess']:.2f}); grid: {run.out / 'grid.png'}")
     if args.eval:
         torch.manual_seed(args.seed)
         random = SplitBrain(args.backbone, args.image_size, 2, 1)
