@@ -638,6 +638,8 @@ class RaggedImages(Dataset):
     """uint8 images of different sizes held in memory (one flat buffer), with labels;
     item i is (3, h_i, w_i). Its loader collates with collate_whole."""
 
+    whole_images = True  # batches of whole images of different sizes: collate_whole
+
     def __init__(self, flat: torch.Tensor, shapes: torch.Tensor, labels: torch.Tensor):
         self.flat, self.shapes, self.labels = flat, shapes, labels
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), (3 * shapes[:, 0] * shapes[:, 1]).cumsum(0)])
@@ -674,6 +676,7 @@ class FolderImages(Dataset):
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, load_size: int = 0, view: str = "eval"):
         self.samples, self.image_size, self.load_size, self.view = samples, image_size, load_size, view
+        self.whole_images = view == "train"
 
     def __len__(self):
         return len(self.samples)
@@ -1714,7 +1717,7 @@ class Run:
         # generator it has at every epoch, and drawing from the global one would shift the
         # augmentations of a resumed run away from those of the uninterrupted run.
         gen = torch.Generator().manual_seed(self.args.seed + self.rank)
-        whole = isinstance(dataset, RaggedImages) or getattr(dataset, "view", "") == "train"
+        whole = getattr(dataset, "whole_images", False)
         return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=workers,
                           drop_last=train, pin_memory=self.cuda, persistent_workers=workers > 0, generator=gen,
                           collate_fn=collate_whole if whole else None)

@@ -11,6 +11,7 @@ consistent. The training loop below follows the paper's Algorithm 1 line by line
     python moco.py                                    # built-in shapes, ~3 min on 2 CPU cores
     python moco.py --mlp --blur --temperature 0.2     # MoCo v2 (cosine schedule is the default)
     python moco.py --schedule step --temperature 0.07 --momentum 0.999   # closer to MoCo v1
+    python moco.py --negatives memory-bank            # or end-to-end: the paper's other two dictionaries (Fig. 3)
     python moco.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
     # the MoCo CIFAR-10 demo's setting (about 82.6% kNN after 200 epochs, ResNet-18):
     python moco.py --dataset cifar10 --data-dir data --backbone resnet18 --epochs 200 --batch-size 512 --lr 0.06 \\
@@ -45,6 +46,8 @@ class Args(common.Args):
     blur: bool = False  # MoCo v2: Gaussian blur augmentation (p = 0.5)
     schedule: str = "cosine"  # cosine (v2, demo) | step (v1: lr x 0.1 at 60% and 80% of training)
     min_crop: float = 0.5  # smallest crop, fraction of the area; demo: 0.08, paper: 0.2. At 32 px small crops miss the object
+    negatives: str = "moco"  # moco (queue + momentum encoder) | end-to-end (the batch) | memory-bank (Wu et al. 2018): paper Fig. 2-3
+    bank_momentum: float = 0.5  # memory-bank: stored feature <- m x stored + (1 - m) x new query (Wu et al.'s code: 0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +188,8 @@ def unshuffle_keys(k: torch.Tensor, unshuffle: torch.Tensor):
 # Training
 # ---------------------------------------------------------------------------
 def train(args: Args):
+    if args.negatives != "moco":
+        return train_other_dictionary(args)  # the paper's two baselines, after Algorithm 1 below
     if args.schedule not in ("cosine", "step"):
         common.fail(f"--schedule must be cosine or step, not {args.schedule}")
     common.check_image_size(args, 16, "the backbone's 16x downsampling")
@@ -275,6 +280,95 @@ def key_accuracy(f_q, f_k, dataset, args, device, batch_size=512) -> float:
 def encoder_of(backbone: nn.Module) -> nn.Module:
     """What the evaluation protocol sees: RGB in [0, 1] -> backbone features (the query encoder's)."""
     return nn.Sequential(common.Normalize(), backbone)
+
+
+# ---------------------------------------------------------------------------
+# Beyond Algorithm 1: the two dictionaries MoCo is compared with (paper sec. 3.2, Fig. 2 and 3)
+# ---------------------------------------------------------------------------
+class Indexed(torch.utils.data.Dataset):
+    """(image, its index): the memory bank keeps one feature per training image."""
+
+    def __init__(self, dataset):
+        self.dataset, self.whole_images = dataset, getattr(dataset, "whole_images", False)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], i
+
+
+def train_other_dictionary(args: Args):
+    """--negatives end-to-end: the keys are the other images of the current batch, encoded
+    by the query encoder itself, with gradient (Fig. 2a): K = global batch - 1, bounded by
+    memory. --negatives memory-bank: one stored feature per training image (Wu et al.
+    2018), refreshed from the query when its image comes round (stored <- m stored + (1 - m)
+    q, normalised); the positive is the image's own stored feature, and K negatives are
+    drawn from the bank at random (Fig. 2b): large K, but keys from encoders of up to an
+    epoch ago. Same encoder, augmentation, loss and schedule as Algorithm 1."""
+    if args.negatives not in ("end-to-end", "memory-bank"):
+        common.fail(f"--negatives must be moco, end-to-end or memory-bank, not {args.negatives}")
+    if args.batch_size % args.bn_splits:
+        common.fail(f"--batch-size {args.batch_size} must be a multiple of --bn-splits {args.bn_splits}")
+    run = common.Run(args, "moco")
+    data = common.load_image_data(args)
+    loader = run.loader(Indexed(data.pretrain))
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    f_q = run.prepare(Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp))
+    optimizer = torch.optim.SGD(f_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    bank = F.normalize(torch.randn(len(data.pretrain), args.dim, device=run.device), dim=1)  # memory-bank only
+    K = args.batch_size * run.world - 1 if args.negatives == "end-to-end" else args.queue_size
+    chance = math.log(1 + K)
+    run.print(f"negatives: {args.negatives}, K = {K}; chance level of the loss: log(1 + K) = {chance:.3f}")
+
+    total_steps = args.epochs * len(loader)
+    parts = {"f_q": f_q, "bank": bank, "optimizer": optimizer}
+    f_q.train()
+    for step, (images, idx) in run.steps(loader, parts):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
+        x = run.to_device(images, whole=True)
+        N = len(x)
+        with run.autocast():
+            q = F.normalize(f_q(run.format(augment(x, args))).float(), dim=1)  # queries: N x C
+            if args.negatives == "end-to-end":  # keys by the same encoder, with gradient
+                k = F.normalize(f_q(run.format(augment(x, args))).float(), dim=1)
+        if args.negatives == "end-to-end":
+            k = common.gather_with_grad(k)  # the global batch's keys: N_all x C
+            logits = q @ k.T  # N x N_all: the positive is each query's own image
+            labels = torch.arange(N, device=q.device) + N * (run.rank if run.distributed else 0)
+        else:
+            idx = idx.to(q.device)
+            l_pos = (q * bank[idx]).sum(1, keepdim=True)  # N x 1: its own stored feature
+            l_neg = q @ bank[torch.randint(len(bank), (K,), device=q.device)].T  # N x K: random stored features
+            logits = torch.cat([l_pos, l_neg], dim=1)
+            labels = torch.zeros(N, dtype=torch.long, device=q.device)
+        loss = F.cross_entropy(logits / args.temperature, labels)
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if args.negatives == "memory-bank":  # refresh this batch's entries (all processes' batches)
+            with torch.no_grad():
+                idx_all, q_all = common.gather(idx), common.gather(q.detach())
+                bank[idx_all] = F.normalize(args.bank_momentum * bank[idx_all] + (1 - args.bank_momentum) * q_all,
+                                            dim=1)
+        acc = (logits.argmax(1) == labels).float().mean()
+        run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
+
+    backbone = common.unwrap(f_q).backbone
+    run.save_encoder(backbone)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_top1": key_accuracy(common.unwrap(f_q), common.unwrap(f_q), data.test, args, run.device),
+               "steps": run.step, "loss_chance": chance}
+    run.print(f"query finds its key among 512 test keys: {results['pretext_top1']:.4f} (chance {1 / 512:.4f})")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
+        results.update(common.evaluate(encoder_of(backbone), encoder_of(random_backbone), data, run.device,
+                                       args.workers))
+    run.finish(results)
+    return results
 
 
 def main(argv=None):

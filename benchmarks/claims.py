@@ -116,6 +116,15 @@ def _momentum(r):
     return _on_both(holds, "a slow key encoder (m = 0.99 or 0.999) beats a fast one (m = 0 or 0.9)")
 
 
+def _negatives(r):
+    holds = {}
+    for key, name in METRICS:
+        moco, bank, batch = r["MoCo: queue + momentum encoder"], r["memory bank"], r["end-to-end"]
+        holds[name] = (beats(moco, bank, key), f"MoCo {moco.show(key)}, memory bank {bank.show(key)}, "
+                                                f"end-to-end {batch.show(key)}")
+    return _on_both(holds, "MoCo's queue beats the memory bank's stale keys")
+
+
 def _inpainting(r):
     adv, rec = r["L_rec + L_adv (0.999 / 0.001)"], r["L_rec only"]
     detail = f"edge strength of the fill {adv.show('hole_sharpness')} against {rec.show('hole_sharpness')}"
@@ -159,6 +168,12 @@ CLAIMS = {
                       [("m = 0", "moco", ["--momentum", "0"]), ("m = 0.9", "moco", ["--momentum", "0.9"]),
                        ("m = 0.99", "moco", ["--momentum", "0.99"]), ("m = 0.999", "moco", ["--momentum", "0.999"])],
                       _momentum),
+    "moco_negatives": ("Contrastive learning needs many consistent negatives: a queue with a momentum encoder "
+                       "(MoCo) beats a memory bank of old features, and end-to-end is limited by the batch "
+                       "(He et al. Fig. 3).",
+                       [("end-to-end", "moco", ["--negatives", "end-to-end"]),
+                        ("memory bank", "moco", ["--negatives", "memory-bank"]),
+                        ("MoCo: queue + momentum encoder", "moco", [])], _negatives),
     "inpainting_adversarial": ("Inpainting: the adversarial loss makes the fill sharper (Pathak et al. Fig. 5).",
                                [("L_rec + L_adv (0.999 / 0.001)", "inpainting", []),
                                 ("L_rec only", "inpainting", ["--adv-weight", "0"])], _inpainting),

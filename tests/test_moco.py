@@ -111,6 +111,28 @@ def test_end_to_end_writes_eval_json_and_the_queue(tiny_folder, tmp_path):
     assert torch.allclose(state["queue"].norm(dim=0), torch.ones(64), atol=1e-5)
 
 
+def test_memory_bank_refreshes_exactly_the_batch_it_saw(tiny_folder, tmp_path):
+    """Wu et al. 2018: one stored feature per training image; after a step the rows of
+    that step's images, and only those, move towards their queries, and stay unit vectors."""
+    moco.main(tiny(tiny_folder, tmp_path, "--negatives", "memory-bank", "--queue-size", "64", "--max-steps", "1",
+                   "--no-eval"))
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["bank"]
+    moco.main(["--resume", str(tmp_path), "--max-steps", "2"])
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["bank"]
+    assert before.shape == (160, 128) and torch.allclose(after.norm(dim=1), torch.ones(160), atol=1e-5)
+    changed = ((after - before).abs().amax(1) > 0).nonzero().flatten().tolist()
+    order = torch.utils.data.distributed.DistributedSampler(range(160), num_replicas=1, rank=0, seed=0)
+    order.set_epoch(0)
+    assert changed == sorted(list(order)[16:32])  # the second batch of epoch 0, by dataset index
+
+
+def test_end_to_end_negatives_are_the_batch(tiny_folder, tmp_path):
+    r = moco.main(tiny(tiny_folder, tmp_path, "--negatives", "end-to-end", "--max-steps", "2", "--no-eval"))
+    assert r["loss_chance"] == pytest.approx(math.log(16))  # K = batch - 1 negatives
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "queue" not in state and state["step"] == 2
+
+
 def test_a_short_run_beats_random_init(tmp_path):
     """120 steps on the built-in shapes already beat the random-init encoder downstream
     (measured: kNN 0.199 vs 0.170, linear 0.279 vs 0.230)."""
