@@ -215,7 +215,9 @@ def train(args: Args):
         save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
 
     model.train()
-    for step, (images, _) in run.steps(loader, parts, epoch_end=redraw):
+    net = common.unwrap(model)
+    monitor = (data, lambda: LightnessEncoder(net.backbone))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
         x = run.to_device(images)
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
@@ -236,7 +238,6 @@ def train(args: Args):
         optimizer.step()
         run.log(len(images), loss=loss.item(), lr=lr)
 
-    net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
@@ -246,8 +247,7 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(LightnessEncoder(net.backbone), LightnessEncoder(random_backbone), data,
-                                       run.device, args.workers))
+        results.update(run.evaluate(LightnessEncoder(net.backbone), LightnessEncoder(random_backbone), data))
     run.finish(results)
     return results
 

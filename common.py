@@ -68,6 +68,7 @@ class Args:
     max_steps: int = 0  # stop after this many optimiser steps in all (0: no limit); for quick runs and tests
     save_every: float = 30.0  # minutes between checkpoints inside an epoch (0: only at epoch ends and on a signal)
     eval: bool = True  # evaluate the encoder at the end (kNN and linear probe, trained and random init)
+    monitor_every: int = 1  # kNN learning curve every N epochs (0: off); spaced out to stay under 10% of the time
     log_every: float = 5.0  # seconds between progress lines
 
 
@@ -76,7 +77,8 @@ MAX_IMAGE_SIZE = 1024
 _POSITIVE = ("epochs", "batch_size", "image_size", "lr", "temperature", "track_temperature")
 # --resume: options that may differ from the run's without changing what a step computes
 # (--epochs only upward: a longer schedule), and options that belong to one command, not to the run.
-RESUME_MAY_CHANGE = ("epochs", "workers", "log_every", "eval", "device", "save_every", "download", "compile")
+RESUME_MAY_CHANGE = ("epochs", "workers", "log_every", "eval", "device", "save_every", "download", "compile",
+                     "monitor_every")
 _PER_COMMAND = ("resume", "out", "max_steps")
 
 
@@ -1334,19 +1336,76 @@ def linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes
         return (clf(xte).argmax(1) == test_labels).float().mean().item()
 
 
-def evaluate(encoder: nn.Module, random_encoder: nn.Module, data: ImageData, device, workers: int = 0) -> dict:
+def evaluate(encoder: nn.Module, random_encoder: nn.Module, data: ImageData, device, workers: int = 0,
+             neighbours: Path | None = None) -> dict:
     """The common protocol: kNN and linear probe for the trained and a random-init encoder.
 
     Both encoders map float RGB in [0, 1] to features; the random one has the same
-    architecture, freshly initialised, so the gain over it is what the method learned."""
-    results = {}
+    architecture, freshly initialised, so the gain over it is what the method learned.
+    With `neighbours`, also draws each encoder's nearest training images of a few fixed
+    test images there (from the same features)."""
+    results, feats = {}, {}
     for prefix, enc in (("", encoder), ("random_", random_encoder)):
         enc = enc.to(device)
         ftr, ytr = extract_features(enc, data.train, device, workers=workers)
         fte, yte = extract_features(enc, data.test, device, workers=workers)
         results[prefix + "knn_top1"] = knn_accuracy(ftr, ytr, fte, yte, num_classes=data.num_classes)
         results[prefix + "linear_top1"] = linear_probe(ftr, ytr, fte, yte, num_classes=data.num_classes)
+        feats[prefix] = (ftr, fte)
+    if neighbours is not None:
+        save_neighbours(neighbours, data, feats[""], feats["random_"], ytr, yte)
     return results
+
+
+def query_images(test_labels: torch.Tensor, count: int = 8) -> list[int]:
+    """Fixed test images to show neighbours of, spread over the classes: the first test
+    image of each class in turn (class 0, 1, ...), the same in every run and method."""
+    firsts = {}
+    for i, y in enumerate(test_labels.tolist()):
+        firsts.setdefault(y, []).append(i)
+    picks, round_ = [], 0
+    while len(picks) < min(count, len(test_labels)):
+        for y in sorted(firsts):
+            if round_ < len(firsts[y]) and len(picks) < count:
+                picks.append(firsts[y][round_])
+        round_ += 1
+    return picks
+
+
+@torch.no_grad()
+def nearest_neighbours(train_feats: torch.Tensor, query_feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (Q, k) of the k training features of highest cosine similarity to each
+    query, most similar first: the neighbours the kNN monitor votes with."""
+    sim = F.normalize(query_feats, dim=1) @ F.normalize(train_feats, dim=1).T
+    return sim.topk(min(k, len(train_feats)), dim=1).indices
+
+
+def save_neighbours(path: Path, data: ImageData, trained: tuple, random: tuple, train_labels, test_labels,
+                    queries: int = 8, k: int = 7):
+    """neighbours.png: a row per fixed test image: the image, then its k nearest training
+    images under the trained encoder; below, the same under the random-init encoder. A
+    neighbour's border is green when it shares the query's class, red when not."""
+    import torchvision.utils as vutils
+    picks = query_images(test_labels.cpu(), queries)
+    tiles = []
+    for train_feats, test_feats in (trained, random):
+        near = nearest_neighbours(train_feats, test_feats[picks], k).cpu()
+        for q, row in zip(picks, near.tolist()):
+            tiles.append(_framed(data.test[q][0], (0.5, 0.5, 0.5)))
+            for i in row:
+                same = int(train_labels[i]) == int(test_labels[q])
+                tiles.append(_framed(data.train[i][0], (0.1, 0.8, 0.1) if same else (0.9, 0.1, 0.1)))
+    grid = vutils.make_grid(torch.stack(tiles), nrow=k + 1, padding=2, pad_value=1.0)
+    # a white band between the trained block (top) and the random-init block (bottom)
+    half = grid.shape[1] // 2
+    grid = torch.cat([grid[:, :half], torch.ones(3, 6, grid.shape[2]), grid[:, half:]], dim=1)
+    vutils.save_image(grid, path)
+
+
+def _framed(image: torch.Tensor, colour, width: int = 2) -> torch.Tensor:
+    """uint8 (3, S, S) -> float with a `width` px border of `colour`."""
+    x = image.float() / 255
+    return torch.cat([F.pad(x[c:c + 1], (width,) * 4, value=colour[c]) for c in range(3)])
 
 
 # ---------------------------------------------------------------------------
@@ -1465,7 +1524,7 @@ class Run:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
             self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._meter, self._last_print, self._start = {}, time.time(), time.time()
-        self._images_since, self._first_step = 0, 0
+        self._images_since, self._first_step, self._monitor_seconds = 0, 0, 0.0
         self._images_total, self._train_end = 0, None  # for the training throughput in eval.json
         self.print(f"{method}: device {self.device}, {self.world} process(es), run folder {self.out}")
 
@@ -1572,20 +1631,24 @@ class Run:
                  f"Try a lower --lr.", code=1)
 
     # -- the training loop's plumbing ---------------------------------------------
-    def steps(self, loader: DataLoader, parts: dict, epoch_end=None):
+    def steps(self, loader: DataLoader, parts: dict, epoch_end=None, monitor=None):
         """Yield (step, batch) from where the run is (0, or the checkpoint's step after
         --resume) to the end of training or --max-steps; `step` counts the optimiser steps
         before this batch. `parts` (name -> model, optimiser or tensor) is what a checkpoint
         holds. Between steps: the checkpoint at each epoch end, every --save-every minutes,
         at the end and before leaving on SIGINT/SIGTERM; epoch_end() after each epoch and at
-        the end, on the first process."""
+        the end, on the first process. monitor = (data, encoder): the kNN learning curve,
+        encoder() giving the current encoder (see _monitor)."""
         self.steps_per_epoch = len(loader)
         self.total_steps = self.args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, self.args.max_steps) if self.args.max_steps else self.total_steps
         step = self.step = self._restore(parts)
         self.epoch = min(step // self.steps_per_epoch, self.args.epochs - 1)
         self._first_step, self._start, self._last_print = step, time.time(), time.time()
-        self._last_save = time.time()
+        self._last_save = self._epoch_start = time.time()
+        self._monitor_every, self._monitor_seconds = self.args.monitor_every, 0.0
+        first = -(-max(step // self.steps_per_epoch + 1, 1) // max(self._monitor_every, 1)) * self._monitor_every
+        self._next_monitor = first if self._monitor_every > 0 else None  # the first epoch (a multiple) to monitor
         self._in_steps = True  # a first signal now waits for the end of the step
         try:
             while step < self.last_step:
@@ -1601,6 +1664,8 @@ class Run:
                         break
                     if (epoch_done or step == self.last_step) and epoch_end is not None and self.is_main:
                         epoch_end()
+                    if epoch_done and monitor is not None and self.is_main:
+                        self._monitor(*monitor)
                     if step >= self.last_step:
                         break
                 if self.stop_signal:
@@ -1613,6 +1678,39 @@ class Run:
         if self.distributed:  # training is over: leave the group together; rank 0 evaluates alone
             dist.barrier()
             dist.destroy_process_group()
+
+    def _monitor(self, data: ImageData, encoder, train_images: int = 2000, test_images: int = 1000):
+        """The kNN monitor every --monitor-every epochs (the MoCo CIFAR demo's learning curve):
+        weighted kNN top-1 of encoder() on fixed, evenly spaced subsets of the training and
+        test splits, printed and written to log.jsonl as {"epoch", "step", "knn_top1"}. It
+        never takes more than 10% of the training time: when a run costs more than that
+        of the epochs since the last one, the next comes as many epochs later as keep it
+        under 10%, and the progress says so. Its time is not counted as training time."""
+        epoch_seconds, self._epoch_start = time.time() - self._epoch_start, time.time()
+        done = self.step // self.steps_per_epoch
+        if self._next_monitor is None or done < self._next_monitor:
+            return
+        start = time.time()
+        subsets = [torch.utils.data.Subset(d, torch.linspace(0, len(d) - 1, min(n, len(d))).long().tolist())
+                   for d, n in ((data.train, train_images), (data.test, test_images))]
+        enc = encoder().to(self.device)
+        # Its own random state (a DataLoader draws a seed): training goes on as without the monitor.
+        with torch.random.fork_rng(devices=[self.device] if self.cuda else []):
+            (ftr, ytr), (fte, yte) = (extract_features(enc, d, self.device, workers=self.args.workers)
+                                      for d in subsets)
+        knn = knn_accuracy(ftr, ytr, fte, yte, num_classes=data.num_classes)
+        took = time.time() - start
+        self._monitor_seconds += took
+        self._epoch_start += took
+        self.print(f"epoch {done}/{self.args.epochs} | kNN monitor {knn:.4f} "
+                   f"({len(subsets[0])} training / {len(subsets[1])} test images, {took:.1f} s)")
+        self._write_log({"epoch": done, "step": self.step, "knn_top1": knn})
+        every = max(self._monitor_every, math.ceil(took / max(0.1 * epoch_seconds, 1e-9)))
+        if every > self._monitor_every:
+            self.print(f"kNN monitor: {took:.2f} s against {epoch_seconds:.2f} s of training an epoch; every {every} "
+                       f"epochs from now on, to stay under 10% of the time")
+            self._monitor_every = every
+        self._next_monitor = done + self._monitor_every
 
     def _batches(self, loader: DataLoader, epoch: int, skip: int):
         """The epoch's batches in the sampler's order for `epoch`, from batch `skip` on."""
@@ -1752,12 +1850,18 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
+    def evaluate(self, encoder: nn.Module, random_encoder: nn.Module, data: ImageData) -> dict:
+        """The common protocol (kNN, linear probe, each beside the random-init encoder), and
+        neighbours.png in the run folder."""
+        return evaluate(encoder, random_encoder, data, self.device, self.args.workers,
+                        neighbours=self.out / "neighbours.png" if self.is_main else None)
+
     def finish(self, results: dict):
         """Write eval.json and print the final line beside the random-init baseline."""
         if self.is_main:
             results = {"method": self.method, **results}
             if self._train_end is not None:  # training only: from the first step (or the resume) to the last
-                seconds = self._train_end - self._start
+                seconds = self._train_end - self._start - self._monitor_seconds
                 results.update(train_seconds=seconds, train_images_per_s=self._images_total / max(seconds, 1e-9))
             if self.cuda:
                 results["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20

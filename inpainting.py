@@ -240,7 +240,9 @@ def train(args: Args):
         save_grid(common.unwrap(model), data.test, args, run.device, run.out / "grid.png")
 
     model.train()
-    for step, (images, _) in run.steps(loader, parts, epoch_end=redraw):
+    net = common.unwrap(model)
+    monitor = (data, lambda: encoder_of(net.backbone))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(opt_g, common.cosine_lr(step, total_steps, args.lr))
         common.set_lr(opt_d, lr * 0.1)  # the discriminator learns at a tenth of the rate
         x = run.to_device(images)
@@ -269,7 +271,6 @@ def train(args: Args):
             opt_d.step()
         run.log(len(images), loss_rec=loss_rec.item(), loss_adv=loss_adv.item(), loss_d=loss_d.item(), lr=lr)
 
-    net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
@@ -280,8 +281,7 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data, run.device,
-                                       args.workers))
+        results.update(run.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data))
     run.finish(results)
     return results
 

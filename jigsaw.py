@@ -193,7 +193,9 @@ def train(args: Args):
     warmup = int(args.warmup_epochs * len(loader))
     parts = {"model": model, "optimizer": optimizer, "perms": perms}
     model.train()
-    for step, (images, _) in run.steps(loader, parts):
+    net = common.unwrap(model)
+    monitor = (data, lambda: TileNormalizedEncoder(net.backbone))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
         tiles, y = make_puzzle(run.to_device(images), perms, args.tile)  # (N, 9, 3, t, t), (N,)
         tiles = augment_tiles(tiles)
@@ -207,7 +209,6 @@ def train(args: Args):
         acc = (logits.argmax(1) == y).float().mean()
         run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
 
-    net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
@@ -217,8 +218,8 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.tile)
-        results.update(common.evaluate(TileNormalizedEncoder(net.backbone), TileNormalizedEncoder(random_backbone),
-                                       data, run.device, args.workers))
+        results.update(run.evaluate(TileNormalizedEncoder(net.backbone), TileNormalizedEncoder(random_backbone),
+                                    data))
     run.finish(results)
     return results
 

@@ -218,7 +218,8 @@ def train(args: Args):
     parts = {"f_q": f_q, "f_k": f_k, "queue": moco.queue, "queue_ptr": moco.queue_ptr, "optimizer": optimizer}
     f_q.train()
     f_k.train()
-    for step, (images, _) in run.steps(loader, parts):
+    monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.cosine_lr(step, total_steps, args.lr) if args.schedule == "cosine" else \
             args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))  # v1: x 0.1 at 60% and 80%
         common.set_lr(optimizer, lr)
@@ -254,8 +255,7 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(backbone), encoder_of(random_backbone), data, run.device,
-                                       args.workers))
+        results.update(run.evaluate(encoder_of(backbone), encoder_of(random_backbone), data))
     run.finish(results)
     return results
 
@@ -324,7 +324,8 @@ def train_other_dictionary(args: Args):
     total_steps = args.epochs * len(loader)
     parts = {"f_q": f_q, "bank": bank, "optimizer": optimizer}
     f_q.train()
-    for step, (images, idx) in run.steps(loader, parts):
+    monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))
+    for step, (images, idx) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
         x = run.to_device(images, whole=True)
         N = len(x)
@@ -365,8 +366,7 @@ def train_other_dictionary(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(backbone), encoder_of(random_backbone), data, run.device,
-                                       args.workers))
+        results.update(run.evaluate(encoder_of(backbone), encoder_of(random_backbone), data))
     run.finish(results)
     return results
 

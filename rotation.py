@@ -147,7 +147,9 @@ def train(args: Args):
     warmup = int(args.warmup_epochs * len(loader))
     parts = {"model": model, "optimizer": optimizer}
     model.train()
-    for step, (images, _) in run.steps(loader, parts):
+    net = common.unwrap(model)
+    monitor = (data, lambda: encoder_of(net.backbone, args.angles))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
         x = common.random_crop_flip(run.to_device(images))  # the paper's CIFAR augmentation
         x, y = rotate_batch(x, args.angles)  # x: (angles*N, 3, H, W), y: (angles*N,)
@@ -161,7 +163,6 @@ def train(args: Args):
         acc = (logits.argmax(1) == y).float().mean()
         run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
 
-    net = common.unwrap(model)
     run.save_encoder(net.backbone)
     if not run.is_main:
         return run.close()
@@ -170,8 +171,8 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(net.backbone, args.angles), encoder_of(random_backbone, args.angles),
-                                       data, run.device, args.workers))
+        results.update(run.evaluate(encoder_of(net.backbone, args.angles), encoder_of(random_backbone, args.angles),
+                                    data))
     run.finish(results)
     return results
 

@@ -189,7 +189,9 @@ def train(args: Args):
     warmup = int(args.warmup_epochs * len(loader))
     parts = {"model": model, "optimizer": optimizer}
     model.train()
-    for step, (images, _) in run.steps(loader, parts):
+    net = common.unwrap(model)
+    monitor = (data, lambda: encoder_of(net.f))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
         x = run.to_device(images, whole=True)  # image folders: each view is cropped from the whole image
         x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
@@ -207,7 +209,6 @@ def train(args: Args):
         acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
         run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
 
-    net = common.unwrap(model)
     run.save_encoder(net.f)
     if not run.is_main:
         return run.close()
@@ -216,8 +217,7 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(common.evaluate(encoder_of(net.f), encoder_of(random_backbone), data, run.device,
-                                       args.workers))
+        results.update(run.evaluate(encoder_of(net.f), encoder_of(random_backbone), data))
     run.finish(results)
     return results
 

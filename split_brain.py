@@ -223,7 +223,9 @@ def train(args: Args):
         save_grid(common.unwrap(model), data.test, bins, args, run.device, run.out / "grid.png")
 
     model.train()
-    for step, (images, _) in run.steps(loader, parts, epoch_end=redraw):
+    net = common.unwrap(model)
+    monitor = (data, lambda: SplitBrainEncoder(net))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
         x = run.to_device(images)
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
@@ -245,7 +247,6 @@ def train(args: Args):
         optimizer.step()
         run.log(len(images), loss_ab=loss1.item(), loss_L=loss2.item(), lr=lr)
 
-    net = common.unwrap(model)
     run.save_encoder(nn.ModuleDict({"f1": net.f1, "f2": net.f2}))
     if not run.is_main:
         return run.close()
@@ -256,8 +257,7 @@ def train(args: Args):
     if args.eval:
         torch.manual_seed(args.seed)
         random = SplitBrain(args.backbone, args.image_size, 2, 1)
-        results.update(common.evaluate(SplitBrainEncoder(net), SplitBrainEncoder(random), data, run.device,
-                                       args.workers))
+        results.update(run.evaluate(SplitBrainEncoder(net), SplitBrainEncoder(random), data))
     run.finish(results)
     return results
 

@@ -1,0 +1,113 @@
+"""Two figures for the lecture's question, from the run folders benchmarks/compare.py wrote.
+
+    python benchmarks/compare.py --out runs/compare-s0
+    python benchmarks/compare.py --out runs/compare-s1 --extra "--seed 1"
+    python benchmarks/compare.py --out runs/compare-s2 --extra "--seed 2"
+    python benchmarks/plot.py runs/compare-s0 runs/compare-s1 runs/compare-s2 --out docs
+
+gain.png: each image method's kNN and linear accuracy minus its own random-init
+encoder's, the mean over the compare folders given (one per seed) with their standard
+deviation as error bars. curves.png: each method's kNN monitor (log.jsonl) against the
+share of its training done, the random-init encoder's kNN at 0, all on one axis (the
+mean over the folders). Needs matplotlib (pip install matplotlib), which nothing else
+in the project does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain", "simclr", "moco")
+
+
+def load(folders: list[Path]) -> dict:
+    """method -> list (one per folder) of {"eval": eval.json, "curve": [(share of training, kNN)]}."""
+    found = {}
+    for folder in folders:
+        for method in METHODS:
+            run = folder / method
+            if not (run / "eval.json").is_file():
+                continue
+            result = json.loads((run / "eval.json").read_text())
+            if "knn_top1" not in result:
+                continue
+            epochs = json.loads((run / "config.json").read_text())["epochs"]
+            records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            curve = [(0.0, result["random_knn_top1"])] + [(r["epoch"] / epochs, r["knn_top1"]) for r in records
+                                                            if "knn_top1" in r and "event" not in r]
+            found.setdefault(method, []).append({"eval": result, "curve": curve})
+    return found
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot_gain(found: dict, path: Path, plt):
+    methods = [m for m in METHODS if m in found]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.38
+    for offset, (key, name) in zip((-width / 2, width / 2), (("knn_top1", "kNN"), ("linear_top1", "linear"))):
+        stats = [_spread([r["eval"][key] - r["eval"]["random_" + key] for r in found[m]]) for m in methods]
+        ax.bar([i + offset for i in range(len(methods))], [s[0] for s in stats], width, yerr=[s[1] for s in stats],
+               capsize=3, label=f"{name} gain over random init")
+    seeds = min(len(found[m]) for m in methods)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(methods)), [m.replace("_", "\n") for m in methods])
+    ax.set_ylabel("top-1 accuracy gain")
+    ax.set_title(f"What each method learned: gain over its own random init ({seeds} seed{'s' if seeds > 1 else ''})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_curves(found: dict, path: Path, plt):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method in METHODS:
+        if method not in found:
+            continue
+        runs = [r["curve"] for r in found[method]]
+        length = min(len(c) for c in runs)
+        if length < 2:
+            continue  # no monitor points (turned off, or --monitor-every 0)
+        xs = [runs[0][i][0] for i in range(length)]
+        ys = [statistics.fmean(c[i][1] for c in runs) for i in range(length)]
+        ax.plot(xs, ys, marker="o", markersize=3, label=method)
+    ax.set_xlabel("share of training done (0: the random-init encoder)")
+    ax.set_ylabel("kNN top-1 (monitor subsets)")
+    ax.set_title("Learning curves: the kNN monitor during training")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", type=Path, help="compare.py output folders (one per seed)")
+    p.add_argument("--out", type=Path, default=Path("docs"), help="where gain.png and curves.png go")
+    a = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        common.fail("benchmarks/plot.py needs matplotlib, which the project does not: pip install matplotlib")
+    found = load(a.folders)
+    if not found:
+        common.fail(f"no image method's eval.json under {', '.join(map(str, a.folders))} (compare.py's --out folders)")
+    a.out.mkdir(parents=True, exist_ok=True)
+    plot_gain(found, a.out / "gain.png", plt)
+    plot_curves(found, a.out / "curves.png", plt)
+    print(f"wrote {a.out / 'gain.png'} and {a.out / 'curves.png'} from {len(a.folders)} compare folder(s): "
+          f"{', '.join(f'{m} x{len(r)}' for m, r in found.items())}")
+    return found
+
+
+if __name__ == "__main__":
+    common.cli(main)
