@@ -86,14 +86,6 @@ def rebalance_weights(prior: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
     return w / (prior * w).sum()
 
 
-def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, T: float = 0.38) -> torch.Tensor:
-    """logits (N, Q, H, W) -> ab (N, 2, H, W): the mean of the distribution re-tempered
-    as f_T(z) = exp(log z / T) / sum exp(log z / T) (paper sec. 2.3). T = 1 gives the
-    mean, T -> 0 the mode."""
-    p = torch.softmax(torch.log_softmax(logits, dim=1) / T, dim=1)
-    return torch.einsum("nqhw,qc->nchw", p, bins.to(p))
-
-
 def split_lab(x: torch.Tensor):
     """RGB in [0, 1] -> (L scaled to about [-1, 1], (N, 1, H, W); ab in Lab units, (N, 2, H, W))."""
     lab = common.rgb_to_lab(x)
@@ -129,58 +121,18 @@ class ColorizationNet(nn.Module):
             if out.shape[-1] != self.out_size else out
 
 
-class LightnessEncoder(nn.Module):
-    """What the evaluation protocol sees: RGB in [0, 1] -> L -> backbone features."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x):
-        return self.backbone(split_lab(x)[0].expand(-1, 3, -1, -1))
+def model_out_size(model) -> int:
+    return common.unwrap(model).out_size
 
 
-def colourise(model, x, bins, args):
-    """Input L with the predicted ab (upsampled to full size) -> RGB."""
-    L, _ = split_lab(x)
-    out = model(L)
-    ab = annealed_mean(out, bins, args.temperature) if args.loss == "classification" else out * 100
-    ab = F.interpolate(ab, size=x.shape[-2:], mode="bilinear")
-    return common.lab_to_rgb(torch.cat([(L + 1) * 50, ab], dim=1))
-
-
-@torch.no_grad()
-def save_grid(model, dataset, bins, args, device, path, n: int = 8):
-    """Rows: greyscale input, colourised output, original."""
-    import torchvision.utils as vutils
-    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
-    was_training = model.training
-    model.eval()
-    grey = ((split_lab(x)[0] + 1) / 2).expand(-1, 3, -1, -1)
-    rows = torch.cat([grey, colourise(model, x, bins, args), x])
-    model.train(was_training)
-    vutils.save_image(rows, path, nrow=n, padding=1)
-
-
-@torch.no_grad()
-def test_ab_error(model, dataset, bins, args, device, batch_size=256) -> dict:
-    """On the test split: the mean absolute ab error of the decoded colours (Lab units), and
-    colourfulness: the mean chroma |ab| of the decoded colours over that of the true ones
-    (paper sec. 3.1: regression to ab averages the modes and comes out greyish, < 1)."""
-    model.eval()
-    total = count = chroma_pred = chroma_true = 0.0
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        x = common.to_float(images, device)
-        L, ab = split_lab(x)
-        out = model(L)
-        pred = annealed_mean(out, bins, args.temperature) if args.loss == "classification" else out * 100
-        target = F.adaptive_avg_pool2d(ab, pred.shape[-2:])
-        total += (pred - target).abs().mean().item() * len(x)
-        chroma_pred += pred.norm(dim=1).mean().item() * len(x)
-        chroma_true += target.norm(dim=1).mean().item() * len(x)
-        count += len(x)
-    model.train()
-    return {"pretext_ab_error": total / count, "colourfulness": chroma_pred / max(chroma_true, 1e-12)}
+# ---------------------------------------------------------------------------
+# Loss: L_cl, the rebalanced multinomial cross-entropy (paper eq. 2)
+# ---------------------------------------------------------------------------
+def multinomial_loss(logits: torch.Tensor, Z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """L_cl(Zhat, Z) = -sum_hw v(Z_hw) sum_q Z_hwq log Zhat_hwq (paper eq. 2), averaged over
+    pixels: the cross-entropy against the soft targets Z, each pixel weighted by v, the
+    class-rebalancing weight of its nearest bin. logits (N, Q, h, w), Z (N, Q, h, w), v (N, h, w)."""
+    return -(v * (Z * F.log_softmax(logits, dim=1)).sum(1)).mean()
 
 
 # ---------------------------------------------------------------------------
@@ -227,9 +179,7 @@ def train(args: Args):
             out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
         if args.loss == "classification":
             Z = soft_encode(ab, bins)  # soft targets: (N, Q, h, w)
-            v = weights[Z.argmax(1)]  # v(Z_hw) = w of the pixel's nearest bin: (N, h, w)
-            # L_cl = -sum_hw v(Z_hw) sum_q Z_hwq log Zhat_hwq (paper eq. 2), averaged over pixels
-            loss = -(v * (Z * F.log_softmax(out, dim=1)).sum(1)).mean()
+            loss = multinomial_loss(out, Z, weights[Z.argmax(1)])  # v(Z_hw): the weight of the nearest bin
         else:
             loss = F.mse_loss(out, ab / 100)  # ab scaled to about [-1, 1]
         run.check_finite(loss)
@@ -243,7 +193,7 @@ def train(args: Args):
         return run.close()
     results = {**test_ab_error(net, data.test, bins, args, run.device), "steps": run.step, "num_bins": len(bins)}
     run.print(f"mean |ab error| on the test split: {results['pretext_ab_error']:.2f}, colourfulness (chroma of "
-              f"the output / the original's): {results['colourfulness']:.3f} (grid: {run.out / 'grid.png'})")
+              f"the output / the original's): {results['pretext_colourfulness']:.3f} (grid: {run.out / 'grid.png'})")
     if args.eval:
         torch.manual_seed(args.seed)
         random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
@@ -252,8 +202,69 @@ def train(args: Args):
     return results
 
 
-def model_out_size(model) -> int:
-    return common.unwrap(model).out_size
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, the colours it predicts, the grid
+# ---------------------------------------------------------------------------
+class LightnessEncoder(nn.Module):
+    """What the evaluation protocol sees: RGB in [0, 1] -> L -> backbone features."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(split_lab(x)[0].expand(-1, 3, -1, -1))
+
+
+def annealed_mean(logits: torch.Tensor, bins: torch.Tensor, T: float = 0.38) -> torch.Tensor:
+    """logits (N, Q, H, W) -> ab (N, 2, H, W): the mean of the distribution re-tempered
+    as f_T(z) = exp(log z / T) / sum exp(log z / T) (paper sec. 2.3). T = 1 gives the
+    mean, T -> 0 the mode."""
+    p = torch.softmax(torch.log_softmax(logits, dim=1) / T, dim=1)
+    return torch.einsum("nqhw,qc->nchw", p, bins.to(p))
+
+
+def colourise(model, x, bins, args):
+    """Input L with the predicted ab (upsampled to full size) -> RGB."""
+    L, _ = split_lab(x)
+    out = model(L)
+    ab = annealed_mean(out, bins, args.temperature) if args.loss == "classification" else out * 100
+    ab = F.interpolate(ab, size=x.shape[-2:], mode="bilinear")
+    return common.lab_to_rgb(torch.cat([(L + 1) * 50, ab], dim=1))
+
+
+@torch.no_grad()
+def test_ab_error(model, dataset, bins, args, device, batch_size=256) -> dict:
+    """On the test split: the mean absolute ab error of the decoded colours (Lab units), and
+    colourfulness: the mean chroma |ab| of the decoded colours over that of the true ones
+    (paper sec. 3.1: regression to ab averages the modes and comes out greyish, < 1)."""
+    model.eval()
+    total = count = chroma_pred = chroma_true = 0.0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = common.to_float(images, device)
+        L, ab = split_lab(x)
+        out = model(L)
+        pred = annealed_mean(out, bins, args.temperature) if args.loss == "classification" else out * 100
+        target = F.adaptive_avg_pool2d(ab, pred.shape[-2:])
+        total += (pred - target).abs().mean().item() * len(x)
+        chroma_pred += pred.norm(dim=1).mean().item() * len(x)
+        chroma_true += target.norm(dim=1).mean().item() * len(x)
+        count += len(x)
+    model.train()
+    return {"pretext_ab_error": total / count, "pretext_colourfulness": chroma_pred / max(chroma_true, 1e-12)}
+
+
+@torch.no_grad()
+def save_grid(model, dataset, bins, args, device, path, n: int = 8):
+    """Rows: greyscale input, colourised output, original."""
+    import torchvision.utils as vutils
+    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
+    was_training = model.training
+    model.eval()
+    grey = ((split_lab(x)[0] + 1) / 2).expand(-1, 3, -1, -1)
+    rows = torch.cat([grey, colourise(model, x, bins, args), x])
+    model.train(was_training)
+    vutils.save_image(rows, path, nrow=n, padding=1)
 
 
 def main(argv=None):

@@ -77,7 +77,7 @@ def mask_images(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Model: encoder (the backbone), channel-wise fully connected bottleneck, decoder
+# Model: encoder (the backbone), channel-wise fully connected bottleneck, decoder; the discriminator
 # ---------------------------------------------------------------------------
 class ChannelwiseFC(nn.Module):
     """Each channel's h x w map is mapped by its own fully connected layer, then a 1x1
@@ -134,16 +134,6 @@ class Discriminator(nn.Module):
         return self.net(x * 2 - 1).flatten()
 
 
-# ---------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------
-def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L_rec = || M * (x - x_hat) ||^2, divided by the number of masked values, so the
-    loss does not depend on the size of the hole; pixels outside M do not count."""
-    m = mask.expand_as(x)
-    return ((m * (x - x_hat)) ** 2).sum() / m.sum().clamp(min=1)
-
-
 def disc_view(img: torch.Tensor, mask_kind: str, hole: float) -> torch.Tensor:
     """What the adversarial discriminator judges (paper sec. 3.2): for the central hole,
     the hole region alone, so D compares the predicted centre with real centres and
@@ -157,61 +147,14 @@ def disc_view(img: torch.Tensor, mask_kind: str, hole: float) -> torch.Tensor:
     return img[..., top:top + side, top:top + side]
 
 
-def encoder_of(backbone: nn.Module) -> nn.Module:
-    """What the evaluation protocol sees: whole RGB images in [0, 1] -> backbone features."""
-    return nn.Sequential(common.Normalize(), backbone)
-
-
-@torch.no_grad()
-def fill(model, x, m):
-    """Context encoder output pasted into the hole; the context is kept as it was."""
-    return x * (1 - m) + model(mask_images(x, m)) * m
-
-
-@torch.no_grad()
-def hole_sharpness(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """(sum of |horizontal and vertical differences| inside the hole, in x_hat; the same in x).
-    Their ratio measures the lecture's claim that the adversarial loss sharpens the fill:
-    a blurry fill has weaker edges than the original (ratio < 1)."""
-    def edges(img):
-        inside_x = mask[..., :, 1:] * mask[..., :, :-1]  # both neighbours in the hole
-        inside_y = mask[..., 1:, :] * mask[..., :-1, :]
-        return ((img[..., :, 1:] - img[..., :, :-1]).abs() * inside_x).sum().item() + \
-            ((img[..., 1:, :] - img[..., :-1, :]).abs() * inside_y).sum().item()
-    return edges(x_hat), edges(x)
-
-
-@torch.no_grad()
-def test_error(model, dataset, args, device, batch_size=512) -> dict:
-    """On the test split: the mean squared error in the hole (the pretext metric), and the
-    fill's edge strength relative to the original's (hole_sharpness, 1 = as sharp)."""
-    model.eval()
-    total = count = fill_edges = true_edges = 0.0
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        x = common.to_float(images, device)
-        m = make_masks(len(x), x.shape[-1], args.mask, args.hole, device)
-        x_hat = model(mask_images(x, m))
-        total += reconstruction_loss(x, x_hat, m).item() * len(x)
-        count += len(x)
-        a, b = hole_sharpness(x, x_hat, m)
-        fill_edges, true_edges = fill_edges + a, true_edges + b
-    model.train()
-    return {"pretext_hole_mse": total / count, "hole_sharpness": fill_edges / max(true_edges, 1e-12)}
-
-
-def save_grid(model, dataset, args, device, path, n: int = 8):
-    """Rows: masked input, the context encoder's fill, the original."""
-    import torchvision.utils as vutils
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # the same masks every time, so grids of different runs compare
-    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
-    m = make_masks(n, x.shape[-1], args.mask, args.hole, device)
-    torch.random.set_rng_state(gen_state)
-    was_training = model.training
-    model.eval()
-    rows = torch.cat([mask_images(x, m), fill(model, x, m), x])
-    model.train(was_training)
-    vutils.save_image(rows, path, nrow=n, padding=1)
+# ---------------------------------------------------------------------------
+# Loss: L = lambda_rec L_rec + lambda_adv L_adv (paper eq. 1-3)
+# ---------------------------------------------------------------------------
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_rec = || M * (x - x_hat) ||^2, divided by the number of masked values, so the
+    loss does not depend on the size of the hole; pixels outside M do not count."""
+    m = mask.expand_as(x)
+    return ((m * (x - x_hat)) ** 2).sum() / m.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------
@@ -276,7 +219,7 @@ def train(args: Args):
         return run.close()
     results = {**test_error(net, data.test, args, run.device), "steps": run.step}
     run.print(f"mean squared error in the hole on the test split: {results['pretext_hole_mse']:.5f}, "
-              f"edge strength of the fill / original: {results['hole_sharpness']:.3f} "
+              f"edge strength of the fill / original: {results['pretext_hole_sharpness']:.3f} "
               f"(grid of fills: {run.out / 'grid.png'})")
     if args.eval:
         torch.manual_seed(args.seed)
@@ -284,6 +227,66 @@ def train(args: Args):
         results.update(run.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data))
     run.finish(results)
     return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, the hole's error and sharpness, the grid
+# ---------------------------------------------------------------------------
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: whole RGB images in [0, 1] -> backbone features."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
+@torch.no_grad()
+def fill(model, x, m):
+    """Context encoder output pasted into the hole; the context is kept as it was."""
+    return x * (1 - m) + model(mask_images(x, m)) * m
+
+
+@torch.no_grad()
+def hole_sharpness(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(sum of |horizontal and vertical differences| inside the hole, in x_hat; the same in x).
+    Their ratio measures the lecture's claim that the adversarial loss sharpens the fill:
+    a blurry fill has weaker edges than the original (ratio < 1)."""
+    def edges(img):
+        inside_x = mask[..., :, 1:] * mask[..., :, :-1]  # both neighbours in the hole
+        inside_y = mask[..., 1:, :] * mask[..., :-1, :]
+        return ((img[..., :, 1:] - img[..., :, :-1]).abs() * inside_x).sum().item() + \
+            ((img[..., 1:, :] - img[..., :-1, :]).abs() * inside_y).sum().item()
+    return edges(x_hat), edges(x)
+
+
+@torch.no_grad()
+def test_error(model, dataset, args, device, batch_size=512) -> dict:
+    """On the test split: the mean squared error in the hole (the pretext metric), and the
+    fill's edge strength relative to the original's (pretext_hole_sharpness, 1 = as sharp)."""
+    model.eval()
+    total = count = fill_edges = true_edges = 0.0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = common.to_float(images, device)
+        m = make_masks(len(x), x.shape[-1], args.mask, args.hole, device)
+        x_hat = model(mask_images(x, m))
+        total += reconstruction_loss(x, x_hat, m).item() * len(x)
+        count += len(x)
+        a, b = hole_sharpness(x, x_hat, m)
+        fill_edges, true_edges = fill_edges + a, true_edges + b
+    model.train()
+    return {"pretext_hole_mse": total / count, "pretext_hole_sharpness": fill_edges / max(true_edges, 1e-12)}
+
+
+def save_grid(model, dataset, args, device, path, n: int = 8):
+    """Rows: masked input, the context encoder's fill, the original."""
+    import torchvision.utils as vutils
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # the same masks every time, so grids of different runs compare
+    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
+    m = make_masks(n, x.shape[-1], args.mask, args.hole, device)
+    torch.random.set_rng_state(gen_state)
+    was_training = model.training
+    model.eval()
+    rows = torch.cat([mask_images(x, m), fill(model, x, m), x])
+    model.train(was_training)
+    vutils.save_image(rows, path, nrow=n, padding=1)
 
 
 def main(argv=None):

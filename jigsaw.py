@@ -146,29 +146,13 @@ class ContextFreeNet(nn.Module):
         return self.head(feats.view(n, -1))  # concatenated in tile order: N x 9 width
 
 
-class TileNormalizedEncoder(nn.Module):
-    """What the evaluation protocol sees: whole RGB images in [0, 1], normalised per image
-    as the tiles were during training, -> backbone features."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x):
-        return self.backbone(normalize_tiles(x.unsqueeze(1)).squeeze(1))
-
-
-@torch.no_grad()
-def pretext_accuracy(model, dataset, perms, args, device, batch_size=256) -> float:
-    """Permutation accuracy on held-out images (per-tile normalisation, no colour jitter)."""
-    model.eval()
-    correct = total = 0
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        tiles, labels = make_puzzle(common.to_float(images, device), perms, args.tile)
-        correct += (model(normalize_tiles(tiles)).argmax(1) == labels).sum().item()
-        total += len(labels)
-    model.train()
-    return correct / total
+# ---------------------------------------------------------------------------
+# Loss: the cross-entropy over the permutation set
+# ---------------------------------------------------------------------------
+def permutation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy over the permutation set: which permutation shuffled the 9 tiles
+    (paper sec. 3, the permutation index as the class)."""
+    return F.cross_entropy(logits, y)
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +185,7 @@ def train(args: Args):
         tiles = augment_tiles(tiles)
         with run.autocast():
             logits = model(tiles)  # (N, P)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = permutation_loss(logits.float(), y)
         run.check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,6 +206,34 @@ def train(args: Args):
                                     data))
     run.finish(results)
     return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, and the permutation accuracy
+# ---------------------------------------------------------------------------
+class TileNormalizedEncoder(nn.Module):
+    """What the evaluation protocol sees: whole RGB images in [0, 1], normalised per image
+    as the tiles were during training, -> backbone features."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(normalize_tiles(x.unsqueeze(1)).squeeze(1))
+
+
+@torch.no_grad()
+def pretext_accuracy(model, dataset, perms, args, device, batch_size=256) -> float:
+    """Permutation accuracy on held-out images (per-tile normalisation, no colour jitter)."""
+    model.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        tiles, labels = make_puzzle(common.to_float(images, device), perms, args.tile)
+        correct += (model(normalize_tiles(tiles)).argmax(1) == labels).sum().item()
+        total += len(labels)
+    model.train()
+    return correct / total
 
 
 def main(argv=None):

@@ -64,44 +64,8 @@ def augment(x: torch.Tensor, args: Args) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Model: query and key encoders, the queue, split batch norm
+# Model: query and key encoders, the queue
 # ---------------------------------------------------------------------------
-class SplitBatchNorm(nn.BatchNorm2d):
-    """Batch norm whose training statistics come from `num_splits` sub-batches
-    (sub-batch j holds images j, j + s, j + 2s, ...), the single-device stand-in for
-    the paper's per-GPU batch norm (sec. 3.3, "Shuffling BN"); as in the MoCo CIFAR
-    demo. At evaluation it is plain batch norm, and its state_dict is a BatchNorm2d's."""
-
-    def __init__(self, num_features, num_splits):
-        super().__init__(num_features)
-        self.num_splits = num_splits
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        s = self.num_splits
-        if not self.training or s == 1:
-            return super().forward(x)
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        # (N, C, H, W) -> (N / s, s * C, H, W): channel block j holds sub-batch j.
-        out = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
-                           True, self.momentum, self.eps).view(n, c, h, w)
-        self.running_mean.copy_(mean.view(s, c).mean(0))
-        self.running_var.copy_(var.view(s, c).mean(0))
-        return out
-
-
-def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every BatchNorm2d in `module` by a SplitBatchNorm (same parameters)."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d) and num_splits > 1:
-            split = SplitBatchNorm(child.num_features, num_splits)
-            split.load_state_dict(child.state_dict())
-            setattr(module, name, split)
-        else:
-            use_split_bn(child, num_splits)
-    return module
-
-
 class Encoder(nn.Module):
     """x in [0, 1] -> backbone features -> head -> (N, C). The backbone is what is kept."""
 
@@ -149,6 +113,9 @@ class MoCo(nn.Module):
         self.queue_ptr.fill_((ptr + n) % self.K)
 
 
+# ---------------------------------------------------------------------------
+# Loss: l_pos and l_neg, the logits of the InfoNCE loss (paper eq. 1)
+# ---------------------------------------------------------------------------
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor):
     """The lecture's l_pos and l_neg. q, k: N x C (normalised), queue: C x K."""
     N, C = q.shape
@@ -158,34 +125,7 @@ def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------
-# Shuffling BN: keys are computed on a shuffled batch (paper sec. 3.3)
-# ---------------------------------------------------------------------------
-@torch.no_grad()
-def shuffle_keys(x: torch.Tensor):
-    """Shuffle the key batch so a key's batch-norm statistics come from other images than
-    its query's. Under torchrun across all processes, as in the paper; on one device
-    within the batch, so each split-BN sub-batch mixes other images (the demo's way).
-    Returns the shuffled local batch and the index that undoes the shuffle."""
-    x_all = common.gather(x)  # global batch, rank order
-    perm = torch.randperm(len(x_all), device=x.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(perm, src=0)  # every process uses rank 0's permutation
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    unshuffle = torch.argsort(perm)
-    return x_all[perm.view(world, -1)[rank]], unshuffle
-
-
-@torch.no_grad()
-def unshuffle_keys(k: torch.Tensor, unshuffle: torch.Tensor):
-    k_all = common.gather(k)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    return k_all[unshuffle.view(world, -1)[rank]]
-
-
-# ---------------------------------------------------------------------------
-# Training
+# Training: the paper's Algorithm 1
 # ---------------------------------------------------------------------------
 def train(args: Args):
     if args.negatives != "moco":
@@ -260,6 +200,14 @@ def train(args: Args):
     return results
 
 
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, and the key accuracy
+# ---------------------------------------------------------------------------
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features (the query encoder's)."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
 @torch.no_grad()
 def key_accuracy(f_q, f_k, dataset, args, device, batch_size=512) -> float:
     """Held-out instance discrimination: how often q ranks its own key first among the
@@ -277,13 +225,71 @@ def key_accuracy(f_q, f_k, dataset, args, device, batch_size=512) -> float:
     return correct / total
 
 
-def encoder_of(backbone: nn.Module) -> nn.Module:
-    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features (the query encoder's)."""
-    return nn.Sequential(common.Normalize(), backbone)
+# ---------------------------------------------------------------------------
+# Beyond the lecture: shuffling BN across devices (paper sec. 3.3), split BN on one
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def shuffle_keys(x: torch.Tensor):
+    """Shuffle the key batch so a key's batch-norm statistics come from other images than
+    its query's. Under torchrun across all processes, as in the paper; on one device
+    within the batch, so each split-BN sub-batch mixes other images (the demo's way).
+    Returns the shuffled local batch and the index that undoes the shuffle."""
+    x_all = common.gather(x)  # global batch, rank order
+    perm = torch.randperm(len(x_all), device=x.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(perm, src=0)  # every process uses rank 0's permutation
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    unshuffle = torch.argsort(perm)
+    return x_all[perm.view(world, -1)[rank]], unshuffle
+
+
+@torch.no_grad()
+def unshuffle_keys(k: torch.Tensor, unshuffle: torch.Tensor):
+    k_all = common.gather(k)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return k_all[unshuffle.view(world, -1)[rank]]
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training statistics come from `num_splits` sub-batches
+    (sub-batch j holds images j, j + s, j + 2s, ...), the single-device stand-in for
+    the paper's per-GPU batch norm (sec. 3.3, "Shuffling BN"); as in the MoCo CIFAR
+    demo. At evaluation it is plain batch norm, and its state_dict is a BatchNorm2d's."""
+
+    def __init__(self, num_features, num_splits):
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        # (N, C, H, W) -> (N / s, s * C, H, W): channel block j holds sub-batch j.
+        out = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum, self.eps).view(n, c, h, w)
+        self.running_mean.copy_(mean.view(s, c).mean(0))
+        self.running_var.copy_(var.view(s, c).mean(0))
+        return out
+
+
+def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in `module` by a SplitBatchNorm (same parameters)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and num_splits > 1:
+            split = SplitBatchNorm(child.num_features, num_splits)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            use_split_bn(child, num_splits)
+    return module
 
 
 # ---------------------------------------------------------------------------
-# Beyond Algorithm 1: the two dictionaries MoCo is compared with (paper sec. 3.2, Fig. 2 and 3)
+# Beyond the lecture: the two dictionaries MoCo is compared with (paper sec. 3.2, Fig. 2 and 3)
 # ---------------------------------------------------------------------------
 class Indexed(torch.utils.data.Dataset):
     """(image, its index): the memory bank keeps one feature per training image."""

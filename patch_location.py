@@ -101,6 +101,15 @@ def project_colour(x: torch.Tensor) -> torch.Tensor:
     return x - (x * a).sum(1, keepdim=True) * a
 
 
+def prepare_patches(images, args):
+    centre, neighbour, labels, _ = sample_pairs(images, args.patch, args.gap, args.jitter)
+    if args.chroma == "drop":
+        centre, neighbour = drop_colour(centre), drop_colour(neighbour)
+    elif args.chroma == "project":
+        centre, neighbour = project_colour(centre), project_colour(neighbour)
+    return centre, neighbour, labels
+
+
 # ---------------------------------------------------------------------------
 # Model: tied branches, concatenated, a small classification head
 # ---------------------------------------------------------------------------
@@ -118,31 +127,12 @@ class PatchLocationNet(nn.Module):
         return self.head(torch.cat([f_centre, f_neighbour], dim=1))  # concatenated: N x 2 width
 
 
-def encoder_of(backbone: nn.Module) -> nn.Module:
-    """What the evaluation protocol sees: whole RGB images in [0, 1] -> backbone features."""
-    return nn.Sequential(common.Normalize(), backbone)
-
-
-def prepare_patches(images, args):
-    centre, neighbour, labels, _ = sample_pairs(images, args.patch, args.gap, args.jitter)
-    if args.chroma == "drop":
-        centre, neighbour = drop_colour(centre), drop_colour(neighbour)
-    elif args.chroma == "project":
-        centre, neighbour = project_colour(centre), project_colour(neighbour)
-    return centre, neighbour, labels
-
-
-@torch.no_grad()
-def pretext_accuracy(model, dataset, args, device, batch_size=512) -> float:
-    """8-way position accuracy on held-out images."""
-    model.eval()
-    correct = total = 0
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        centre, neighbour, labels = prepare_patches(common.to_float(images, device), args)
-        correct += (model(centre, neighbour).argmax(1) == labels).sum().item()
-        total += len(labels)
-    model.train()
-    return correct / total
+# ---------------------------------------------------------------------------
+# Loss: the cross-entropy over the 8 positions
+# ---------------------------------------------------------------------------
+def position_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of the 8-way classifier over where the neighbour sits (paper sec. 3)."""
+    return F.cross_entropy(logits, y)
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +167,7 @@ def train(args: Args):
         centre, neighbour, y = prepare_patches(run.to_device(images), args)  # (N, 3, p, p) x 2, (N,)
         with run.autocast():
             logits = model(run.format(centre), run.format(neighbour))  # (N, 8)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = position_loss(logits.float(), y)
         run.check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -196,6 +186,27 @@ def train(args: Args):
         results.update(run.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data))
     run.finish(results)
     return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, and the position accuracy
+# ---------------------------------------------------------------------------
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: whole RGB images in [0, 1] -> backbone features."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
+@torch.no_grad()
+def pretext_accuracy(model, dataset, args, device, batch_size=512) -> float:
+    """8-way position accuracy on held-out images."""
+    model.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        centre, neighbour, labels = prepare_patches(common.to_float(images, device), args)
+        correct += (model(centre, neighbour).argmax(1) == labels).sum().item()
+        total += len(labels)
+    model.train()
+    return correct / total
 
 
 def main(argv=None):

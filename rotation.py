@@ -100,32 +100,13 @@ class RotationNet(nn.Module):
         return self.head(self.backbone(self.normalize(x)))
 
 
-class DiscCut(nn.Module):
-    """Images cut to their inscribed disc, as every view of the 8-angle task is."""
-
-    def forward(self, x):
-        return x * _disc(x.shape[-1], x.device, x.dtype)
-
-
-def encoder_of(backbone: nn.Module, num_angles: int = 4) -> nn.Module:
-    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features. The 8-angle
-    network was trained on discs only, so it is evaluated on discs too (its random-init
-    baseline as well); a square's corners would be inputs it never saw."""
-    cut = [DiscCut()] if num_angles == 8 else []
-    return nn.Sequential(*cut, common.Normalize(), backbone)
-
-
-@torch.no_grad()
-def pretext_accuracy(model: nn.Module, dataset, num_angles: int, device, batch_size: int = 256) -> float:
-    """Rotation accuracy on held-out images, no augmentation."""
-    model.eval()
-    correct = total = 0
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        x, y = rotate_batch(common.to_float(images, device), num_angles)
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
-    model.train()
-    return correct / total
+# ---------------------------------------------------------------------------
+# Loss: the cross-entropy over rotations (paper eq. 1-2)
+# ---------------------------------------------------------------------------
+def rotation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """loss(X_i) = -1/K sum_y log F^y(g(X_i, y)): the cross-entropy of the rotation
+    classifier, averaged over the K rotated copies of every image (paper eq. 1-2)."""
+    return F.cross_entropy(logits, y)
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +136,7 @@ def train(args: Args):
         x, y = rotate_batch(x, args.angles)  # x: (angles*N, 3, H, W), y: (angles*N,)
         with run.autocast():
             logits = model(run.format(x))  # (angles*N, angles)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = rotation_loss(logits.float(), y)
         run.check_finite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,6 +156,37 @@ def train(args: Args):
                                     data))
     run.finish(results)
     return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, and the rotation accuracy
+# ---------------------------------------------------------------------------
+class DiscCut(nn.Module):
+    """Images cut to their inscribed disc, as every view of the 8-angle task is."""
+
+    def forward(self, x):
+        return x * _disc(x.shape[-1], x.device, x.dtype)
+
+
+def encoder_of(backbone: nn.Module, num_angles: int = 4) -> nn.Module:
+    """What the evaluation protocol sees: RGB in [0, 1] -> backbone features. The 8-angle
+    network was trained on discs only, so it is evaluated on discs too (its random-init
+    baseline as well); a square's corners would be inputs it never saw."""
+    cut = [DiscCut()] if num_angles == 8 else []
+    return nn.Sequential(*cut, common.Normalize(), backbone)
+
+
+@torch.no_grad()
+def pretext_accuracy(model: nn.Module, dataset, num_angles: int, device, batch_size: int = 256) -> float:
+    """Rotation accuracy on held-out images, no augmentation."""
+    model.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x, y = rotate_batch(common.to_float(images, device), num_angles)
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train()
+    return correct / total
 
 
 def main(argv=None):

@@ -91,11 +91,6 @@ class SimCLR(nn.Module):
         return self.g(self.f(self.normalize(x)))
 
 
-def encoder_of(backbone: nn.Module) -> nn.Module:
-    """What the evaluation protocol sees: RGB in [0, 1] -> h."""
-    return nn.Sequential(common.Normalize(), backbone)
-
-
 # ---------------------------------------------------------------------------
 # Loss: NT-Xent on the interleaved 2N x 2N similarity matrix
 # ---------------------------------------------------------------------------
@@ -123,7 +118,88 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
 
 
 # ---------------------------------------------------------------------------
-# Large batches on many devices (paper sec. 2.2): global batch norm, LARS (You et al. 2017)
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    chosen = parse_augment(args.augment, args.image_size)
+    if args.optimizer not in ("sgd", "lars"):
+        common.fail(f"--optimizer must be sgd or lars, not {args.optimizer}")
+    common.check_image_size(args, 16, "the backbone's 16x downsampling")
+    run = common.Run(args, "simclr")
+    data = common.load_image_data(args)
+    loader = run.loader(data.pretrain)
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    model = run.prepare(global_batch_norm(SimCLR(backbone, width, args.proj_dim, args.proj_bn), run, args.sync_bn))
+    if args.optimizer == "lars":
+        optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    run.print(f"augmentations: {', '.join(sorted(chosen)) or 'none'}; "
+              f"negatives per view: {2 * args.batch_size * run.world - 2}")
+
+    total_steps = args.epochs * len(loader)
+    warmup = int(args.warmup_epochs * len(loader))
+    parts = {"model": model, "optimizer": optimizer}
+    model.train()
+    net = common.unwrap(model)
+    monitor = (data, lambda: encoder_of(net.f))  # the kNN learning curve, --monitor-every
+    for step, (images, _) in run.steps(loader, parts, monitor=monitor):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
+        x = run.to_device(images, whole=True)  # image folders: each view is cropped from the whole image
+        x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
+        with run.autocast():
+            # One forward pass for both views, so batch norm sees all 2N views together.
+            z1, z2 = model(run.format(torch.cat([x1, x2]))).float().chunk(2)  # N x d each
+        # Under torchrun the negatives are the global batch: gather z from every process.
+        z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
+        loss = nt_xent(z1, z2, args.temperature)  # l(i, j) over all 2N views
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            logits, targets = similarity_logits(z1, z2, args.temperature)
+            acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
+        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
+
+    run.save_encoder(net.f)
+    if not run.is_main:
+        return run.close()
+    results = {"pretext_top1": _pair_accuracy(net, data.test, chosen, args, run.device), "steps": run.step}
+    run.print(f"positive-pair top-1 on the test split (batch {min(len(data.test), 512)}): {results['pretext_top1']:.4f}")
+    if args.eval:
+        torch.manual_seed(args.seed)
+        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
+        results.update(run.evaluate(encoder_of(net.f), encoder_of(random_backbone), data))
+    run.finish(results)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, and the pair accuracy
+# ---------------------------------------------------------------------------
+def encoder_of(backbone: nn.Module) -> nn.Module:
+    """What the evaluation protocol sees: RGB in [0, 1] -> h."""
+    return nn.Sequential(common.Normalize(), backbone)
+
+
+@torch.no_grad()
+def _pair_accuracy(model, dataset, chosen, args, device, batch_size=512):
+    """How often a view finds its partner among 2 x 512 - 1 test views (the pretext accuracy)."""
+    model.eval()
+    correct = total = 0
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(dataset) > batch_size):
+        x = common.to_float(images, device)
+        z1, z2 = model(augment(x, chosen, args)), model(augment(x, chosen, args))
+        logits, targets = similarity_logits(z1, z2, args.temperature)
+        correct += (logits.argmax(1) == targets).sum().item()
+        total += len(targets)
+    model.train()
+    return correct / total
+
+
+# ---------------------------------------------------------------------------
+# Beyond the lecture: large batches on many devices (paper sec. 2.2): global batch norm, LARS
 # ---------------------------------------------------------------------------
 def global_batch_norm(model: nn.Module, run, wanted: bool) -> nn.Module:
     """Under torchrun, batch norm over the global batch (SyncBatchNorm). With each
@@ -163,78 +239,6 @@ class LARS(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.mul_(group["momentum"]).add_(d)
                 p.add_(buf, alpha=-group["lr"])
-
-
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
-def train(args: Args):
-    chosen = parse_augment(args.augment, args.image_size)
-    if args.optimizer not in ("sgd", "lars"):
-        common.fail(f"--optimizer must be sgd or lars, not {args.optimizer}")
-    common.check_image_size(args, 16, "the backbone's 16x downsampling")
-    run = common.Run(args, "simclr")
-    data = common.load_image_data(args)
-    loader = run.loader(data.pretrain)
-    backbone, width = common.build_backbone(args.backbone, args.image_size)
-    model = run.prepare(global_batch_norm(SimCLR(backbone, width, args.proj_dim, args.proj_bn), run, args.sync_bn))
-    if args.optimizer == "lars":
-        optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    run.print(f"augmentations: {', '.join(sorted(chosen)) or 'none'}; "
-              f"negatives per view: {2 * args.batch_size * run.world - 2}")
-
-    total_steps = args.epochs * len(loader)
-    warmup = int(args.warmup_epochs * len(loader))
-    parts = {"model": model, "optimizer": optimizer}
-    model.train()
-    net = common.unwrap(model)
-    monitor = (data, lambda: encoder_of(net.f))  # the kNN learning curve, --monitor-every
-    for step, (images, _) in run.steps(loader, parts, monitor=monitor):
-        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        x = run.to_device(images, whole=True)  # image folders: each view is cropped from the whole image
-        x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
-        with run.autocast():
-            # One forward pass for both views, so batch norm sees all 2N views together.
-            z1, z2 = model(run.format(torch.cat([x1, x2]))).float().chunk(2)  # N x d each
-        # Under torchrun the negatives are the global batch: gather z from every process.
-        z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
-        logits, targets = similarity_logits(z1, z2, args.temperature)
-        loss = F.cross_entropy(logits, targets)  # = nt_xent(z1, z2, tau)
-        run.check_finite(loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
-        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
-
-    run.save_encoder(net.f)
-    if not run.is_main:
-        return run.close()
-    results = {"pretext_top1": _pair_accuracy(net, data.test, chosen, args, run.device), "steps": run.step}
-    run.print(f"positive-pair top-1 on the test split (batch {min(len(data.test), 512)}): {results['pretext_top1']:.4f}")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(encoder_of(net.f), encoder_of(random_backbone), data))
-    run.finish(results)
-    return results
-
-
-@torch.no_grad()
-def _pair_accuracy(model, dataset, chosen, args, device, batch_size=512):
-    """How often a view finds its partner among 2 x 512 - 1 test views (the pretext accuracy)."""
-    model.eval()
-    correct = total = 0
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, drop_last=len(dataset) > batch_size):
-        x = common.to_float(images, device)
-        z1, z2 = model(augment(x, chosen, args)), model(augment(x, chosen, args))
-        logits, targets = similarity_logits(z1, z2, args.temperature)
-        correct += (logits.argmax(1) == targets).sum().item()
-        total += len(targets)
-    model.train()
-    return correct / total
 
 
 def main(argv=None):

@@ -68,11 +68,6 @@ def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: 
     return target.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-sum_q Z_q log softmax(logits)_q, averaged over pixels (paper eq. 4)."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
 def scale_lab(lab: torch.Tensor) -> torch.Tensor:
     """Lab (N, 3, H, W) -> scaled to about [-1, 1] per channel, the networks' input."""
     return torch.cat([lab[:, :1] / 50 - 1, lab[:, 1:] / 100], dim=1)
@@ -132,67 +127,12 @@ class SplitBrain(nn.Module):
         return self.head1(common.feature_map(self.f1, X1)), self.head2(common.feature_map(self.f2, X2))
 
 
-class SplitBrainEncoder(nn.Module):
-    """What the evaluation protocol sees: RGB in [0, 1] -> Lab -> [F1(L), F2(ab)] concatenated."""
-
-    def __init__(self, model: SplitBrain):
-        super().__init__()
-        self.f1, self.f2 = model.f1, model.f2
-
-    def forward(self, x):
-        lab = lab_input(x)
-        return torch.cat([self.f1(lab[:, :1]), self.f2(lab[:, 1:])], dim=1)
-
-
-def decode(out1, out2, bins, args):
-    """Predictions -> (ab in Lab units, L in [0, 100]) at the heads' resolution."""
-    if args.loss == "classification":  # the most likely bin
-        ab = bins.to(out1)[out1.argmax(1)].permute(0, 3, 1, 2)
-        L = (out2.argmax(1, keepdim=True).float() + 0.5) * 100 / args.l_bins
-    else:
-        ab, L = out1 * 100, (out2 + 1) * 50
-    return ab, L
-
-
-@torch.no_grad()
-def save_grid(model, dataset, bins, args, device, path, n: int = 8):
-    """Rows: original; L with F1's ab (L -> ab); true ab at L = 50 (F2's input); F2's L with the true ab."""
-    import torchvision.utils as vutils
-    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
-    was_training = model.training
-    model.eval()
-    lab = common.rgb_to_lab(x)
-    ab_hat, L_hat = decode(*model(lab_input(x)), bins, args)
-    size = x.shape[-2:]
-    ab_hat, L_hat = F.interpolate(ab_hat, size=size, mode="bilinear"), F.interpolate(L_hat, size=size, mode="bilinear")
-    rows = [x, common.lab_to_rgb(torch.cat([lab[:, :1], ab_hat], 1)),
-            common.lab_to_rgb(torch.cat([torch.full_like(lab[:, :1], 50), lab[:, 1:]], 1)),
-            common.lab_to_rgb(torch.cat([L_hat, lab[:, 1:]], 1))]
-    model.train(was_training)
-    vutils.save_image(torch.cat(rows), path, nrow=n, padding=1)
-
-
-@torch.no_grad()
-def test_errors(model, dataset, bins, args, device, batch_size=256) -> dict:
-    """Mean absolute errors of the decoded ab (from L) and L (from ab) on the test split,
-    beside what a constant guess gets: grey (ab = 0) for ab, the test split's mean L for L."""
-    model.eval()
-    ab_err = l_err = count = 0.0
-    truth = []
-    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        x = common.to_float(images, device)
-        out1, out2 = model(lab_input(x))
-        ab_hat, L_hat = decode(out1, out2, bins, args)
-        lab = F.adaptive_avg_pool2d(common.rgb_to_lab(x), ab_hat.shape[-2:])
-        ab_err += (ab_hat - lab[:, 1:]).abs().mean().item() * len(x)
-        l_err += (L_hat - lab[:, :1]).abs().mean().item() * len(x)
-        count += len(x)
-        truth.append(lab)
-    model.train()
-    lab = torch.cat(truth)
-    return {"pretext_ab_error": ab_err / count, "pretext_L_error": l_err / count,
-            "ab_error_grey_guess": lab[:, 1:].abs().mean().item(),
-            "L_error_mean_guess": (lab[:, :1] - lab[:, :1].mean()).abs().mean().item()}
+# ---------------------------------------------------------------------------
+# Loss: the cross-entropy against the soft targets, for each half (paper eq. 4)
+# ---------------------------------------------------------------------------
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-sum_q Z_q log softmax(logits)_q, averaged over pixels (paper eq. 4)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
 # ---------------------------------------------------------------------------
@@ -252,14 +192,80 @@ def train(args: Args):
         return run.close()
     results = {**test_errors(net, data.test, bins, args, run.device), "steps": run.step}
     run.print(f"test split: mean |ab error| from L {results['pretext_ab_error']:.2f} (always grey: "
-              f"{results['ab_error_grey_guess']:.2f}), mean |L error| from ab {results['pretext_L_error']:.2f} "
-              f"(always the mean L: {results['L_error_mean_guess']:.2f}); grid: {run.out / 'grid.png'}")
+              f"{results['pretext_ab_error_grey_guess']:.2f}), mean |L error| from ab {results['pretext_L_error']:.2f} "
+              f"(always the mean L: {results['pretext_L_error_mean_guess']:.2f}); grid: {run.out / 'grid.png'}")
     if args.eval:
         torch.manual_seed(args.seed)
         random = SplitBrain(args.backbone, args.image_size, 2, 1)
         results.update(run.evaluate(SplitBrainEncoder(net), SplitBrainEncoder(random), data))
     run.finish(results)
     return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, the predictions' errors, the grid
+# ---------------------------------------------------------------------------
+class SplitBrainEncoder(nn.Module):
+    """What the evaluation protocol sees: RGB in [0, 1] -> Lab -> [F1(L), F2(ab)] concatenated."""
+
+    def __init__(self, model: SplitBrain):
+        super().__init__()
+        self.f1, self.f2 = model.f1, model.f2
+
+    def forward(self, x):
+        lab = lab_input(x)
+        return torch.cat([self.f1(lab[:, :1]), self.f2(lab[:, 1:])], dim=1)
+
+
+def decode(out1, out2, bins, args):
+    """Predictions -> (ab in Lab units, L in [0, 100]) at the heads' resolution."""
+    if args.loss == "classification":  # the most likely bin
+        ab = bins.to(out1)[out1.argmax(1)].permute(0, 3, 1, 2)
+        L = (out2.argmax(1, keepdim=True).float() + 0.5) * 100 / args.l_bins
+    else:
+        ab, L = out1 * 100, (out2 + 1) * 50
+    return ab, L
+
+
+@torch.no_grad()
+def test_errors(model, dataset, bins, args, device, batch_size=256) -> dict:
+    """Mean absolute errors of the decoded ab (from L) and L (from ab) on the test split,
+    beside what a constant guess gets: grey (ab = 0) for ab, the test split's mean L for L."""
+    model.eval()
+    ab_err = l_err = count = 0.0
+    truth = []
+    for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        x = common.to_float(images, device)
+        out1, out2 = model(lab_input(x))
+        ab_hat, L_hat = decode(out1, out2, bins, args)
+        lab = F.adaptive_avg_pool2d(common.rgb_to_lab(x), ab_hat.shape[-2:])
+        ab_err += (ab_hat - lab[:, 1:]).abs().mean().item() * len(x)
+        l_err += (L_hat - lab[:, :1]).abs().mean().item() * len(x)
+        count += len(x)
+        truth.append(lab)
+    model.train()
+    lab = torch.cat(truth)
+    return {"pretext_ab_error": ab_err / count, "pretext_L_error": l_err / count,
+            "pretext_ab_error_grey_guess": lab[:, 1:].abs().mean().item(),
+            "pretext_L_error_mean_guess": (lab[:, :1] - lab[:, :1].mean()).abs().mean().item()}
+
+
+@torch.no_grad()
+def save_grid(model, dataset, bins, args, device, path, n: int = 8):
+    """Rows: original; L with F1's ab (L -> ab); true ab at L = 50 (F2's input); F2's L with the true ab."""
+    import torchvision.utils as vutils
+    x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
+    was_training = model.training
+    model.eval()
+    lab = common.rgb_to_lab(x)
+    ab_hat, L_hat = decode(*model(lab_input(x)), bins, args)
+    size = x.shape[-2:]
+    ab_hat, L_hat = F.interpolate(ab_hat, size=size, mode="bilinear"), F.interpolate(L_hat, size=size, mode="bilinear")
+    rows = [x, common.lab_to_rgb(torch.cat([lab[:, :1], ab_hat], 1)),
+            common.lab_to_rgb(torch.cat([torch.full_like(lab[:, :1], 50), lab[:, 1:]], 1)),
+            common.lab_to_rgb(torch.cat([L_hat, lab[:, 1:]], 1))]
+    model.train(was_training)
+    vutils.save_image(torch.cat(rows), path, nrow=n, padding=1)
 
 
 def main(argv=None):

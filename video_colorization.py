@@ -61,20 +61,53 @@ class Args(common.Args):
 
 
 # ---------------------------------------------------------------------------
-# The pointer: copy colours (or labels) from reference locations to target locations
+# Pretext data: clips of consecutive frames, and their colours as 16 clusters (paper sec. 3.2)
 # ---------------------------------------------------------------------------
-def copy_colors(f_ref: torch.Tensor, f_tgt: torch.Tensor, c_ref: torch.Tensor, temperature: float = 1.0):
-    """y_j = sum_i A_ij c_i with A_ij = softmax over i of (f_i . f_j / temperature)  (paper eq. 1-2).
+class Clips(torch.utils.data.Dataset):
+    """Every window of `length` frames, `gap` apart, of every video, as (length, 3, H, W)
+    uint8; with `crop`, a random square crop at the same place in all its frames."""
 
-    f_ref (B, n_ref, E), f_tgt (B, n_tgt, E), c_ref (B, n_ref, D) -> y (B, n_tgt, D)."""
-    logits = torch.bmm(f_ref, f_tgt.transpose(1, 2)) / temperature  # (B, n_ref, n_tgt): f_i . f_j
-    A = logits.softmax(dim=1)  # normalised over the reference locations i, for every target j
-    return torch.bmm(A.transpose(1, 2), c_ref)  # (B, n_tgt, D): sum_i A_ij c_i
+    def __init__(self, videos: list[torch.Tensor], length: int, gap: int, crop: int = 0):
+        self.videos, self.length, self.gap, self.crop = videos, length, gap, crop
+        span = (length - 1) * gap + 1
+        self.index = [(v, s) for v, video in enumerate(videos) for s in range(len(video) - span + 1)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        v, s = self.index[i]
+        clip = self.videos[v][s:s + (self.length - 1) * self.gap + 1:self.gap]
+        h, w = clip.shape[-2:]
+        if self.crop and self.crop < min(h, w):
+            y, x = torch.randint(h - self.crop + 1, ()).item(), torch.randint(w - self.crop + 1, ()).item()
+            clip = clip[..., y:y + self.crop, x:x + self.crop]
+        return clip, i
 
 
-# ---------------------------------------------------------------------------
-# Colour clusters: k-means on ab (paper sec. 3.2: 16 clusters in Lab)
-# ---------------------------------------------------------------------------
+def load_videos(args: Args):
+    """(training videos: list of (T, 3, H, W) uint8, videos to track: {name: (frames, masks)})."""
+    if args.dataset == "shapes":
+        if not 32 <= args.image_size <= 128:
+            common.fail(f"the built-in videos come in 32 to 128 px, not {args.image_size}")
+        # Fixed data seeds, independent of --seed, as for the built-in images.
+        train, _ = common.make_videos(args.train_videos, 16, args.image_size, seed=0)
+        frames, masks = common.make_videos(args.eval_videos, 24, args.image_size, seed=1)
+        return list(train), {f"video{i:03d}": (frames[i], masks[i]) for i in range(len(frames))}
+    train = common.load_davis(args.data_dir, size=args.image_size)
+    evaluation = common.load_davis(args.eval_dir, size=args.image_size) if args.eval_dir else train
+    tracked = {name: v for name, v in evaluation.items() if v[1] is not None}
+    if args.eval and not tracked:
+        common.fail(f"no Annotations/480p/<video>/ masks in {args.eval_dir or args.data_dir} to score tracking on")
+    return [frames for frames, _ in train.values()], tracked
+
+
+def split_lab(x: torch.Tensor):
+    """RGB in [0, 1], (N, 3, H, W) -> (L scaled to about [-1, 1], (N, 1, H, W); ab in Lab units)."""
+    lab = common.rgb_to_lab(x)
+    return lab[:, :1] / 50 - 1, lab[:, 1:]
+
+
 def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
     """Lloyd's algorithm with k-means++ seeding: points (N, D) -> centres (k, D)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -97,14 +130,8 @@ def quantise(ab: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return torch.cdist(flat, centres.to(flat)).argmin(1).view(n, h, w)
 
 
-def split_lab(x: torch.Tensor):
-    """RGB in [0, 1], (N, 3, H, W) -> (L scaled to about [-1, 1], (N, 1, H, W); ab in Lab units)."""
-    lab = common.rgb_to_lab(x)
-    return lab[:, :1] / 50 - 1, lab[:, 1:]
-
-
 # ---------------------------------------------------------------------------
-# The embedding network f
+# Model: the embedding network f
 # ---------------------------------------------------------------------------
 def dense(backbone: nn.Module) -> nn.Module:
     """Stride 1 in layer3 and layer4, so the feature map keeps the resolution of layer2
@@ -149,6 +176,18 @@ def locations(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 3, 4, 2).flatten(1, 3)
 
 
+# ---------------------------------------------------------------------------
+# Loss: copy colours through the pointer A_ij, cross-entropy against the true cluster (paper eq. 1-3)
+# ---------------------------------------------------------------------------
+def copy_colors(f_ref: torch.Tensor, f_tgt: torch.Tensor, c_ref: torch.Tensor, temperature: float = 1.0):
+    """y_j = sum_i A_ij c_i with A_ij = softmax over i of (f_i . f_j / temperature)  (paper eq. 1-2).
+
+    f_ref (B, n_ref, E), f_tgt (B, n_tgt, E), c_ref (B, n_ref, D) -> y (B, n_tgt, D)."""
+    logits = torch.bmm(f_ref, f_tgt.transpose(1, 2)) / temperature  # (B, n_ref, n_tgt): f_i . f_j
+    A = logits.softmax(dim=1)  # normalised over the reference locations i, for every target j
+    return torch.bmm(A.transpose(1, 2), c_ref)  # (B, n_tgt, D): sum_i A_ij c_i
+
+
 def clip_loss(model, clip: torch.Tensor, centres: torch.Tensor, temperature: float, run=None):
     """Colourise each clip's last frame from the frames before it.
 
@@ -173,7 +212,85 @@ def clip_loss(model, clip: torch.Tensor, centres: torch.Tensor, temperature: flo
 
 
 # ---------------------------------------------------------------------------
-# Tracking: the same pointer, with object labels in place of colours
+# Training
+# ---------------------------------------------------------------------------
+def train(args: Args):
+    if args.ref_frames < 1 or args.frame_gap < 1 or args.clusters < 2 or args.embed_dim < 1:
+        common.fail("--ref-frames and --frame-gap must be at least 1, --clusters at least 2, --embed-dim at least 1")
+    if args.track_window < 0 or args.topk < 0 or args.radius < 0:
+        common.fail("--track-window, --topk and --radius must not be negative")
+    common.check_image_size(args, 16, "the backbone's downsampling")
+    if 0 < args.crop < 16:
+        common.fail(f"--crop {args.crop} is too small: 0 (whole frames) or at least 16 px")
+    run = common.Run(args, "video_colorization")
+    train_videos, tracked = load_videos(args)
+    clips = Clips(train_videos, args.ref_frames + 1, args.frame_gap, args.crop)
+    if len(clips) == 0:
+        common.fail(f"no video has the {(args.ref_frames) * args.frame_gap + 1} frames a clip of --ref-frames "
+                    f"{args.ref_frames} + 1 target at --frame-gap {args.frame_gap} needs")
+    loader = run.loader(clips)
+
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    model = run.prepare(Embedder(backbone, width, args.embed_dim))
+    # The colour clusters: k-means on the ab values of training frames at feature
+    # resolution (the resolution colours are copied at), the same on every process.
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(clips), (min(len(clips), 512),), generator=gen).tolist()
+    _, ab = split_lab(common.to_float(torch.stack([clips[i][0][0] for i in picks]), run.device))
+    ab = F.adaptive_avg_pool2d(ab, feature_size(common.unwrap(model), *ab.shape[-2:]))
+    centres = kmeans(ab.permute(0, 2, 3, 1).reshape(-1, 2), args.clusters, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    total_steps = args.epochs * len(loader)
+    warmup = int(args.warmup_epochs * len(loader))
+    parts = {"model": model, "optimizer": optimizer, "centres": centres}
+    model.train()
+    for step, (clip, _) in run.steps(loader, parts):
+        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
+        x = run.to_device(clip)  # (B, F, 3, H, W): ref_frames coloured references, then the target
+        flip = torch.rand(len(x), device=x.device) < 0.5  # the same flip for every frame of a clip
+        x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
+        loss, acc, _, _ = clip_loss(model, x, centres, args.temperature, run)
+        run.check_finite(loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.log(len(x), loss=loss.item(), acc=acc.item(), lr=lr)
+
+    net = common.unwrap(model)
+    run.save_encoder(net.backbone)
+    run.save_encoder(net, "embedder.pt")
+    if run.is_main:  # after the loop: a resumed run's centres are the checkpoint's
+        torch.save(centres.cpu(), run.out / "colour_clusters.pt")
+    if not run.is_main:
+        return run.close()
+    results = {"steps": run.step, "clusters": args.clusters, "image_size": args.image_size}
+    if args.eval:
+        results["pretext_top1"] = colour_accuracy(net, tracked, centres, args, run.device)
+        run.print(f"colour cluster accuracy, copied from the {args.ref_frames} frames before: "
+                  f"{results['pretext_top1']:.4f} (chance about {1 / args.clusters:.4f})")
+        trained = track_videos(net, tracked, args, run.device)
+        torch.manual_seed(args.seed)
+        random_net = Embedder(common.build_backbone(args.backbone, args.image_size)[0], width,
+                              args.embed_dim).to(run.device)
+        random = track_videos(random_net, tracked, args, run.device)
+        results.update({"J": trained["J"], "J_random_init": random["J"], "J_copy_first": trained["J_copy_first"],
+                        "objects": trained["objects"], "videos": len(tracked),
+                        "J_per_video": trained["J_per_video"], "J_per_video_random_init": random["J_per_video"]})
+        if trained["J"] is None:
+            run.print(f"J not scored: the {len(tracked)} videos to track are annotated on their first frame only "
+                      f"(masks propagated, drawn in strip.png)")
+        else:
+            run.print(f"J (region similarity, {trained['objects']} objects in {len(tracked)} videos): {trained['J']:.4f}"
+                      f" | random init {random['J']:.4f} | first mask copied {trained['J_copy_first']:.4f}")
+        save_strip(net, tracked, trained, centres, args, run.device, run.out / "strip.png")
+        run.print(f"picture strip: {run.out / 'strip.png'}")
+    run.finish(results)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: the same pointer with object labels in place of colours (tracking), and pictures
 # ---------------------------------------------------------------------------
 def _neighbourhood(h: int, w: int, radius: int, device) -> torch.Tensor:
     """(h*w, h*w) bool: reference location i within `radius` cells (Chebyshev) of target j."""
@@ -272,51 +389,23 @@ def track_videos(model: nn.Module, videos: dict, args: Args, device) -> dict:
             "objects": len(j_prop), "J_per_video": per_video, "predictions": predictions}
 
 
-# ---------------------------------------------------------------------------
-# Data: clips of consecutive frames, and videos with masks to track
-# ---------------------------------------------------------------------------
-class Clips(torch.utils.data.Dataset):
-    """Every window of `length` frames, `gap` apart, of every video, as (length, 3, H, W)
-    uint8; with `crop`, a random square crop at the same place in all its frames."""
-
-    def __init__(self, videos: list[torch.Tensor], length: int, gap: int, crop: int = 0):
-        self.videos, self.length, self.gap, self.crop = videos, length, gap, crop
-        span = (length - 1) * gap + 1
-        self.index = [(v, s) for v, video in enumerate(videos) for s in range(len(video) - span + 1)]
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, i):
-        v, s = self.index[i]
-        clip = self.videos[v][s:s + (self.length - 1) * self.gap + 1:self.gap]
-        h, w = clip.shape[-2:]
-        if self.crop and self.crop < min(h, w):
-            y, x = torch.randint(h - self.crop + 1, ()).item(), torch.randint(w - self.crop + 1, ()).item()
-            clip = clip[..., y:y + self.crop, x:x + self.crop]
-        return clip, i
+@torch.no_grad()
+def colour_accuracy(model, videos: dict, centres, args: Args, device) -> float:
+    """How often the copied colour's most likely cluster is the target's true cluster, on
+    every clip of the tracked videos (held-out for the built-in data)."""
+    model.eval()
+    correct = total = 0
+    for frames, _ in videos.values():
+        clips = Clips([frames], args.ref_frames + 1, args.frame_gap)
+        for s in range(0, len(clips), 16):
+            x = common.to_float(torch.stack([clips[i][0] for i in range(s, min(s + 16, len(clips)))]), device)
+            _, _, y, target = clip_loss(model, x, centres, args.temperature)
+            correct += (y.argmax(-1) == target).sum().item()
+            total += target.numel()
+    model.train()
+    return correct / max(total, 1)
 
 
-def load_videos(args: Args):
-    """(training videos: list of (T, 3, H, W) uint8, videos to track: {name: (frames, masks)})."""
-    if args.dataset == "shapes":
-        if not 32 <= args.image_size <= 128:
-            common.fail(f"the built-in videos come in 32 to 128 px, not {args.image_size}")
-        # Fixed data seeds, independent of --seed, as for the built-in images.
-        train, _ = common.make_videos(args.train_videos, 16, args.image_size, seed=0)
-        frames, masks = common.make_videos(args.eval_videos, 24, args.image_size, seed=1)
-        return list(train), {f"video{i:03d}": (frames[i], masks[i]) for i in range(len(frames))}
-    train = common.load_davis(args.data_dir, size=args.image_size)
-    evaluation = common.load_davis(args.eval_dir, size=args.image_size) if args.eval_dir else train
-    tracked = {name: v for name, v in evaluation.items() if v[1] is not None}
-    if args.eval and not tracked:
-        common.fail(f"no Annotations/480p/<video>/ masks in {args.eval_dir or args.data_dir} to score tracking on")
-    return [frames for frames, _ in train.values()], tracked
-
-
-# ---------------------------------------------------------------------------
-# Pictures: frames, propagated masks, colourised targets
-# ---------------------------------------------------------------------------
 PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                         [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]]) / 255
 
@@ -363,101 +452,6 @@ def save_strip(model, videos: dict, tracked: dict, centres, args: Args, device, 
                  colourise_video(model, frames, centres, args, device).cpu()[picks - args.ref_frames]]
     model.train()
     vutils.save_image(torch.cat(rows), path, nrow=columns, padding=1)
-
-
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
-def train(args: Args):
-    if args.ref_frames < 1 or args.frame_gap < 1 or args.clusters < 2 or args.embed_dim < 1:
-        common.fail("--ref-frames and --frame-gap must be at least 1, --clusters at least 2, --embed-dim at least 1")
-    if args.track_window < 0 or args.topk < 0 or args.radius < 0:
-        common.fail("--track-window, --topk and --radius must not be negative")
-    common.check_image_size(args, 16, "the backbone's downsampling")
-    if 0 < args.crop < 16:
-        common.fail(f"--crop {args.crop} is too small: 0 (whole frames) or at least 16 px")
-    run = common.Run(args, "video_colorization")
-    train_videos, tracked = load_videos(args)
-    clips = Clips(train_videos, args.ref_frames + 1, args.frame_gap, args.crop)
-    if len(clips) == 0:
-        common.fail(f"no video has the {(args.ref_frames) * args.frame_gap + 1} frames a clip of --ref-frames "
-                    f"{args.ref_frames} + 1 target at --frame-gap {args.frame_gap} needs")
-    loader = run.loader(clips)
-
-    backbone, width = common.build_backbone(args.backbone, args.image_size)
-    model = run.prepare(Embedder(backbone, width, args.embed_dim))
-    # The colour clusters: k-means on the ab values of training frames at feature
-    # resolution (the resolution colours are copied at), the same on every process.
-    gen = torch.Generator().manual_seed(0)
-    picks = torch.randint(len(clips), (min(len(clips), 512),), generator=gen).tolist()
-    _, ab = split_lab(common.to_float(torch.stack([clips[i][0][0] for i in picks]), run.device))
-    ab = F.adaptive_avg_pool2d(ab, feature_size(common.unwrap(model), *ab.shape[-2:]))
-    centres = kmeans(ab.permute(0, 2, 3, 1).reshape(-1, 2), args.clusters, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-
-    total_steps = args.epochs * len(loader)
-    warmup = int(args.warmup_epochs * len(loader))
-    parts = {"model": model, "optimizer": optimizer, "centres": centres}
-    model.train()
-    for step, (clip, _) in run.steps(loader, parts):
-        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        x = run.to_device(clip)  # (B, F, 3, H, W): ref_frames coloured references, then the target
-        flip = torch.rand(len(x), device=x.device) < 0.5  # the same flip for every frame of a clip
-        x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
-        loss, acc, _, _ = clip_loss(model, x, centres, args.temperature, run)
-        run.check_finite(loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        run.log(len(x), loss=loss.item(), acc=acc.item(), lr=lr)
-
-    net = common.unwrap(model)
-    run.save_encoder(net.backbone)
-    run.save_encoder(net, "embedder.pt")
-    if run.is_main:  # after the loop: a resumed run's centres are the checkpoint's
-        torch.save(centres.cpu(), run.out / "colour_clusters.pt")
-    if not run.is_main:
-        return run.close()
-    results = {"steps": run.step, "clusters": args.clusters, "image_size": args.image_size}
-    if args.eval:
-        results["pretext_top1"] = colour_accuracy(net, tracked, centres, args, run.device)
-        run.print(f"colour cluster accuracy, copied from the {args.ref_frames} frames before: "
-                  f"{results['pretext_top1']:.4f} (chance about {1 / args.clusters:.4f})")
-        trained = track_videos(net, tracked, args, run.device)
-        torch.manual_seed(args.seed)
-        random_net = Embedder(common.build_backbone(args.backbone, args.image_size)[0], width,
-                              args.embed_dim).to(run.device)
-        random = track_videos(random_net, tracked, args, run.device)
-        results.update({"J": trained["J"], "J_random_init": random["J"], "J_copy_first": trained["J_copy_first"],
-                        "objects": trained["objects"], "videos": len(tracked),
-                        "J_per_video": trained["J_per_video"], "J_per_video_random_init": random["J_per_video"]})
-        if trained["J"] is None:
-            run.print(f"J not scored: the {len(tracked)} videos to track are annotated on their first frame only "
-                      f"(masks propagated, drawn in strip.png)")
-        else:
-            run.print(f"J (region similarity, {trained['objects']} objects in {len(tracked)} videos): {trained['J']:.4f}"
-                      f" | random init {random['J']:.4f} | first mask copied {trained['J_copy_first']:.4f}")
-        save_strip(net, tracked, trained, centres, args, run.device, run.out / "strip.png")
-        run.print(f"picture strip: {run.out / 'strip.png'}")
-    run.finish(results)
-    return results
-
-
-@torch.no_grad()
-def colour_accuracy(model, videos: dict, centres, args: Args, device) -> float:
-    """How often the copied colour's most likely cluster is the target's true cluster, on
-    every clip of the tracked videos (held-out for the built-in data)."""
-    model.eval()
-    correct = total = 0
-    for frames, _ in videos.values():
-        clips = Clips([frames], args.ref_frames + 1, args.frame_gap)
-        for s in range(0, len(clips), 16):
-            x = common.to_float(torch.stack([clips[i][0] for i in range(s, min(s + 16, len(clips)))]), device)
-            _, _, y, target = clip_loss(model, x, centres, args.temperature)
-            correct += (y.argmax(-1) == target).sum().item()
-            total += target.numel()
-    model.train()
-    return correct / max(total, 1)
 
 
 def main(argv=None):

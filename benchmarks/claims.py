@@ -127,16 +127,18 @@ def _negatives(r):
 
 def _inpainting(r):
     adv, rec = r["L_rec + L_adv (0.999 / 0.001)"], r["L_rec only"]
-    detail = f"edge strength of the fill {adv.show('hole_sharpness')} against {rec.show('hole_sharpness')}"
-    if beats(adv, rec, "hole_sharpness"):
+    detail = (f"edge strength of the fill {adv.show('pretext_hole_sharpness')} against "
+              f"{rec.show('pretext_hole_sharpness')}")
+    if beats(adv, rec, "pretext_hole_sharpness"):
         return f"agrees: the fill has stronger edges with the adversarial loss ({detail} of the original's)"
     return f"not shown: the fill is not sharper with the adversarial loss beyond the spread ({detail})"
 
 
 def _colour(r):
     c, g = r["classification (rebalanced)"], r["regression (L2)"]
-    detail = f"chroma {c.show('colourfulness', '.2f')} of the true, regression {g.show('colourfulness', '.2f')}"
-    if beats(c, g, "colourfulness"):
+    detail = (f"chroma {c.show('pretext_colourfulness', '.2f')} of the true, "
+              f"regression {g.show('pretext_colourfulness', '.2f')}")
+    if beats(c, g, "pretext_colourfulness"):
         return f"agrees: classification gives more colourful output ({detail})"
     return f"not shown: classification is not more colourful beyond the spread ({detail})"
 
@@ -189,11 +191,10 @@ CLAIMS = {
 
 
 def _pretext(row: Row):
-    for key, name, fmt in (("pretext_top1", "accuracy", ".3f"), ("pretext_hole_mse", "hole MSE", ".4f"),
-                           ("hole_sharpness", "edge strength", ".3f"), ("pretext_ab_error", "ab error", ".2f"),
-                           ("colourfulness", "colourfulness", ".2f"), ("pretext_L_error", "L error", ".2f")):
-        if key in row.runs[0]:
-            yield f"{name} {row.show(key, fmt)}"
+    """Every pretext_* figure of eval.json, named by the rest of its key."""
+    for key in row.runs[0]:
+        if key.startswith("pretext_"):
+            yield f"{key[len('pretext_'):].replace('_', ' ')} {row.show(key, '.3g')}"
 
 
 def render(record: dict) -> str:

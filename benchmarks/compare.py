@@ -123,15 +123,9 @@ def _wait(proc, timeout: float):
 
 
 def _pretext(r: dict) -> str:
-    if "pretext_top1" in r:
-        return f"accuracy {r['pretext_top1']:.3f}"
-    if "pretext_hole_mse" in r:
-        return f"hole MSE {r['pretext_hole_mse']:.4f}"
-    if "pretext_L_error" in r:
-        return f"ab error {r['pretext_ab_error']:.2f}, L error {r['pretext_L_error']:.2f}"
-    if "pretext_ab_error" in r:
-        return f"ab error {r['pretext_ab_error']:.2f}"
-    return ""
+    """Every pretext_* figure of the run's eval.json, named by the rest of its key."""
+    return ", ".join(f"{key[len('pretext_'):].replace('_', ' ')} {value:.3g}" for key, value in r.items()
+                     if key.startswith("pretext_"))
 
 
 def _cost(r: dict) -> list[str]:

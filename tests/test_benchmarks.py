@@ -25,7 +25,7 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     # rotation: every figure in its row is read from its own eval.json.
     saved = json.loads((out / "rotation" / "eval.json").read_text())
     cells = [c.strip() for c in rows["rotation"].strip("|").split("|")]
-    assert cells[1] == f"accuracy {saved['pretext_top1']:.3f}"
+    assert cells[1] == f"top1 {saved['pretext_top1']:.3g}"
     assert cells[2:6] == [f"{saved[k]:.3f}" for k in ("knn_top1", "random_knn_top1", "linear_top1",
                                                         "random_linear_top1")]
     assert cells[6] == (f"{saved['knn_top1'] - saved['random_knn_top1']:+.3f} / "
@@ -72,7 +72,7 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     knn = [r["knn_top1"] for r in runs["regression (L2)"]]
     mean, std = (knn[0] + knn[1]) / 2, abs(knn[0] - knn[1]) / 2 ** 0.5
     assert f"| {mean:.3f} ± {std:.3f} |" in rows[1]
-    chroma = {label: [r["colourfulness"] for r in rs] for label, rs in runs.items()}
+    chroma = {label: [r["pretext_colourfulness"] for r in rs] for label, rs in runs.items()}
     cls, reg = chroma["classification (rebalanced)"], chroma["regression (L2)"]
     spread = abs(cls[0] - cls[1]) / 2 ** 0.5 + abs(reg[0] - reg[1]) / 2 ** 0.5
     agrees = sum(cls) / 2 - sum(reg) / 2 > spread

@@ -100,7 +100,7 @@ def test_a_short_run_beats_grey(tmp_path):
     ab = col.split_lab(x)[1]
     grey_error = torch.nn.functional.adaptive_avg_pool2d(ab, 8).abs().mean().item()
     assert r["pretext_ab_error"] < 0.9 * grey_error
-    assert 0 < r["colourfulness"] < 2
+    assert 0 < r["pretext_colourfulness"] < 2
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):

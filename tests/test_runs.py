@@ -23,7 +23,7 @@ import rotation
 from conftest import ROOT, script_env
 
 SCRIPTS = ["rotation.py", "patch_location.py", "jigsaw.py", "inpainting.py", "colorization.py", "split_brain.py",
-           "video_colorization.py", "simclr.py", "moco.py", "common.py",
+           "video_colorization.py", "simclr.py", "moco.py", "common.py", "builtin_data.py",
            *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.py"))]
 
 

@@ -85,8 +85,8 @@ def test_a_short_run_predicts_lightness_from_colour(tmp_path):
     x = common.make_shapes(2000, 32, seed=1)[0].float() / 255  # the test split
     lab = torch.nn.functional.adaptive_avg_pool2d(common.rgb_to_lab(x), 8)
     constant_error = (lab[:, :1] - lab[:, :1].mean()).abs().mean().item()  # always guessing the mean lightness
-    assert abs(r["L_error_mean_guess"] - constant_error) < 1e-3
-    assert abs(r["ab_error_grey_guess"] - lab[:, 1:].abs().mean().item()) < 1e-3
+    assert abs(r["pretext_L_error_mean_guess"] - constant_error) < 1e-3
+    assert abs(r["pretext_ab_error_grey_guess"] - lab[:, 1:].abs().mean().item()) < 1e-3
     assert r["pretext_L_error"] < 0.92 * constant_error  # measured: 11.6 against 13.2 after 60 steps
 
 
