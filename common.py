@@ -1460,6 +1460,8 @@ class Run:
         self._monitor_every, self._monitor_seconds = self.args.monitor_every, 0.0
         first = -(-max(step // self.steps_per_epoch + 1, 1) // max(self._monitor_every, 1)) * self._monitor_every
         self._next_monitor = first if self._monitor_every > 0 else None  # the first epoch (a multiple) to monitor
+        if step == 0 and monitor is not None and self.is_main:
+            self._monitor(*monitor, before=True)  # the learning curve's first point: the untrained encoder
         self._in_steps = True  # a first signal now waits for the end of the step
         try:
             while step < self.last_step:
@@ -1490,16 +1492,18 @@ class Run:
             dist.barrier()
             dist.destroy_process_group()
 
-    def _monitor(self, data: ImageData, encoder, train_images: int = 2000, test_images: int = 1000):
+    def _monitor(self, data: ImageData, encoder, train_images: int = 2000, test_images: int = 1000,
+                 before: bool = False):
         """The kNN monitor every --monitor-every epochs (the MoCo CIFAR demo's learning curve):
         weighted kNN top-1 of encoder() on fixed, evenly spaced subsets of the training and
-        test splits, printed and written to log.jsonl as {"epoch", "step", "knn_top1"}. It
+        test splits, before training (epoch 0) and after epochs, printed and written to
+        log.jsonl as {"epoch", "step", "knn_top1"}. It
         never takes more than 10% of the training time: when a run costs more than that
         of the epochs since the last one, the next comes as many epochs later as keep it
         under 10%, and the progress says so. Its time is not counted as training time."""
         epoch_seconds, self._epoch_start = time.time() - self._epoch_start, time.time()
         done = self.step // self.steps_per_epoch
-        if self._next_monitor is None or done < self._next_monitor:
+        if self._next_monitor is None or (done < self._next_monitor and not before):
             return
         start = time.time()
         subsets = [torch.utils.data.Subset(d, torch.linspace(0, len(d) - 1, min(n, len(d))).long().tolist())
@@ -1516,6 +1520,8 @@ class Run:
         self.print(f"epoch {done}/{self.args.epochs} | kNN monitor {knn:.4f} "
                    f"({len(subsets[0])} training / {len(subsets[1])} test images, {took:.1f} s)")
         self._write_log({"epoch": done, "step": self.step, "knn_top1": knn})
+        if before:  # the curve's first point, the encoder before training: nothing to pace yet
+            return
         every = max(self._monitor_every, math.ceil(took / max(0.1 * epoch_seconds, 1e-9)))
         if every > self._monitor_every:
             self.print(f"kNN monitor: {took:.2f} s against {epoch_seconds:.2f} s of training an epoch; every {every} "

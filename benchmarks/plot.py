@@ -9,7 +9,8 @@ gain.png: each image method's kNN and linear accuracy minus its own random-init
 encoder's, the mean over the compare folders given (one per seed) with their standard
 deviation as error bars. curves.png: each method's kNN monitor (log.jsonl) against the
 share of its training done, the random-init encoder's kNN at 0, all on one axis (the
-mean over the folders). Needs matplotlib (pip install matplotlib), which nothing else
+mean over the folders). Also prints the accuracies as a markdown table, mean ± standard
+deviation over the folders. Needs matplotlib (pip install matplotlib), which nothing else
 in the project does.
 """
 from __future__ import annotations
@@ -39,14 +40,34 @@ def load(folders: list[Path]) -> dict:
                 continue
             epochs = json.loads((run / "config.json").read_text())["epochs"]
             records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-            curve = [(0.0, result["random_knn_top1"])] + [(r["epoch"] / epochs, r["knn_top1"]) for r in records
-                                                            if "knn_top1" in r and "event" not in r]
+            curve = [(r["epoch"] / epochs, r["knn_top1"]) for r in records if "knn_top1" in r and "event" not in r]
             found.setdefault(method, []).append({"eval": result, "curve": curve})
     return found
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(found: dict) -> str:
+    """Markdown: each method's accuracies as mean ± standard deviation over the folders."""
+    seeds = min(len(r) for r in found.values())
+    lines = [f"Mean ± standard deviation over {seeds} compare run{'s' if seeds > 1 else ''} (seeds).", "",
+             "| method | kNN | kNN random init | linear | linear random init | gain kNN / linear |",
+             "|---|---|---|---|---|---|"]
+    for method in METHODS:
+        if method not in found:
+            continue
+        runs = [r["eval"] for r in found[method]]
+
+        def show(values, sign=""):
+            mean, std = _spread(values)
+            return f"{mean:{sign}.3f}" + (f" ± {std:.3f}" if len(values) > 1 else "")
+        cells = [show([r[k] for r in runs]) for k in ("knn_top1", "random_knn_top1", "linear_top1",
+                                                        "random_linear_top1")]
+        gains = [show([r[k] - r["random_" + k] for r in runs], "+") for k in ("knn_top1", "linear_top1")]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {gains[0]} / {gains[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_gain(found: dict, path: Path, plt):
@@ -68,20 +89,25 @@ def plot_gain(found: dict, path: Path, plt):
 
 
 def plot_curves(found: dict, path: Path, plt):
+    """The monitor's points (fixed subsets of the splits; at 0 the untrained encoder) joined
+    by a line; hollow, at 0 the random-init encoder's and at 1 the trained encoder's kNN
+    from the final evaluation (all of both splits, so a little higher)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for method in METHODS:
         if method not in found:
             continue
-        runs = [r["curve"] for r in found[method]]
-        length = min(len(c) for c in runs)
-        if length < 2:
-            continue  # no monitor points (turned off, or --monitor-every 0)
-        xs = [runs[0][i][0] for i in range(length)]
-        ys = [statistics.fmean(c[i][1] for c in runs) for i in range(length)]
-        ax.plot(xs, ys, marker="o", markersize=3, label=method)
-    ax.set_xlabel("share of training done (0: the random-init encoder)")
-    ax.set_ylabel("kNN top-1 (monitor subsets)")
-    ax.set_title("Learning curves: the kNN monitor during training")
+        runs = found[method]
+        points = [dict(r["curve"]) for r in runs]
+        xs = sorted(set.intersection(*(set(p) for p in points)))  # the epochs every run monitored
+        ys = [statistics.fmean(p[x] for p in points) for x in xs]
+        start = statistics.fmean(r["eval"]["random_knn_top1"] for r in runs)
+        end = statistics.fmean(r["eval"]["knn_top1"] for r in runs)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=method)
+        ax.plot([0.0, 1.0], [start, end], linestyle="none", marker="o", markersize=7, markerfacecolor="none",
+                color=line.get_color())
+    ax.set_xlabel("share of training done")
+    ax.set_ylabel("kNN top-1")
+    ax.set_title("Learning curves: the kNN monitor during training (hollow: the final evaluation)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -104,6 +130,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     plot_gain(found, a.out / "gain.png", plt)
     plot_curves(found, a.out / "curves.png", plt)
+    print(table(found))
     print(f"wrote {a.out / 'gain.png'} and {a.out / 'curves.png'} from {len(a.folders)} compare folder(s): "
           f"{', '.join(f'{m} x{len(r)}' for m, r in found.items())}")
     return found

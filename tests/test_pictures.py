@@ -36,7 +36,8 @@ def test_a_run_draws_its_neighbours_and_logs_its_learning_curve(tiny_folder, tmp
     rotation.main(tiny(tiny_folder, out, "--epochs", "2", "--max-steps", "10", "--no-eval"))
     results = rotation.main(["--resume", str(out), "--eval"])
     curve = [r for r in _steps(out / "log.jsonl") if "knn_top1" in r]
-    assert [(r["epoch"], r["step"]) for r in curve] == [(1, 10), (2, 20)]  # the curve goes on across the resume
+    # Before training, after epoch 1, and on across the resume after epoch 2.
+    assert [(r["epoch"], r["step"]) for r in curve] == [(0, 0), (1, 10), (2, 20)]
     # Both splits are smaller than the monitor's subsets, so its last point is the final kNN.
     assert abs(curve[-1]["knn_top1"] - results["knn_top1"]) < 1e-9
     with Image.open(out / "neighbours.png") as im:  # 2 blocks of 8 rows of 1 query + 7 neighbours, 36 px tiles
@@ -56,6 +57,7 @@ def test_the_monitor_spaces_itself_out_when_it_costs_too_much(tmp_path, capsys):
             run.log(4)  # an epoch of two steps that do nothing: any monitor is over 10% of that
     finally:
         run.close()
-    assert len([r for r in _steps(tmp_path / "log.jsonl") if "knn_top1" in r]) == 1  # the next would be past the end
+    curve = [r["epoch"] for r in _steps(tmp_path / "log.jsonl") if "knn_top1" in r]
+    assert curve == [0, 1]  # before training, after epoch 1; the next would be past the end
     said = capsys.readouterr().out
     assert "epochs from now on, to stay under 10% of the time" in said
