@@ -27,13 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain",
-           "video_colorization", "simclr", "moco")
+from registry import METHODS  # noqa: E402
 
 
 def bare_workload(method: str, args) -> tuple[list[tuple[int, int, bool]], bool, int]:

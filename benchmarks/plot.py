@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain", "simclr", "moco")
+from registry import IMAGE_METHODS as METHODS  # noqa: E402
 
 
 def load(folders: list[Path]) -> dict:
