@@ -185,6 +185,15 @@ def train(args: Args):
         acc = (logits.argmax(1) == 0).float().mean()  # instance discrimination: k+ ranked first of 1 + K
         run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
 
+    return finish(run, args, data, f_q, f_k, chance)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: what the protocol sees, and the key accuracy
+# ---------------------------------------------------------------------------
+def finish(run, args: Args, data, f_q, f_k, chance: float):
+    """The end of training: save f_q's backbone; the key accuracy, the common protocol
+    beside the random-init backbone, eval.json."""
     backbone = common.unwrap(f_q).backbone
     run.save_encoder(backbone)
     if not run.is_main:
@@ -200,9 +209,6 @@ def train(args: Args):
     return results
 
 
-# ---------------------------------------------------------------------------
-# Evaluation: what the protocol sees, and the key accuracy
-# ---------------------------------------------------------------------------
 def encoder_of(backbone: nn.Module) -> nn.Module:
     """What the evaluation protocol sees: RGB in [0, 1] -> backbone features (the query encoder's)."""
     return nn.Sequential(common.Normalize(), backbone)
@@ -362,19 +368,7 @@ def train_other_dictionary(args: Args):
         acc = (logits.argmax(1) == labels).float().mean()
         run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
 
-    backbone = common.unwrap(f_q).backbone
-    run.save_encoder(backbone)
-    if not run.is_main:
-        return run.close()
-    results = {"pretext_top1": key_accuracy(common.unwrap(f_q), common.unwrap(f_q), data.test, args, run.device),
-               "steps": run.step, "loss_chance": chance}
-    run.print(f"query finds its key among 512 test keys: {results['pretext_top1']:.4f} (chance {1 / 512:.4f})")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(encoder_of(backbone), encoder_of(random_backbone), data))
-    run.finish(results)
-    return results
+    return finish(run, args, data, f_q, common.unwrap(f_q), chance)  # keys by f_q: no f_k here
 
 
 def main(argv=None):
