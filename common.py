@@ -265,6 +265,15 @@ def cli(main):
     signal.signal(signal.SIGTERM, _leave)  # outside a Run (parsing, importing): leave at once
     try:
         main()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun, leave without the interpreter's teardown: the work is done, the
+            # files are closed and the process group destroyed, yet gloo's threads can still
+            # abort the process while Python finalises ("terminate called without an active
+            # exception", exit -6; seen once in this project's CI, cf. pytorch/pytorch#179291),
+            # and torchrun would then report the finished run as failed.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.code)

@@ -25,6 +25,7 @@ def test_bins_are_on_the_grid_and_in_gamut(bins):
     as_set = {tuple(b) for b in bins.tolist()}
     red = common.rgb_to_lab(torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)).flatten()  # a = 80.1, b = 67.2
     assert (0.0, 0.0) in as_set and (80.0, 70.0) in as_set
+    assert (10 * (red[1:] / 10).round()).tolist() == [80.0, 70.0]  # pure red's cell is that bin
     assert (-110.0, 110.0) not in as_set and (100.0, 100.0) not in as_set  # far outside sRGB
     # Every bin's cell holds a colour that is really in the sRGB gamut.
     for a, b in bins[::17].tolist():

@@ -1,6 +1,4 @@
 """Unit tests of the shared plumbing: config, colour space, data, backbones, evaluation."""
-import math
-
 import pytest
 import torch
 import torch.nn as nn

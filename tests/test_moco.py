@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 import moco
 from conftest import ROOT, script_env
 from test_rotation import run_script, tiny

@@ -1,7 +1,5 @@
 """rotation.py: the pretext labels, and the script as a user runs it."""
 import json
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -74,7 +72,7 @@ def tiny(folder, out, *extra):
 
 
 def test_end_to_end_writes_the_run_folder(tiny_folder, tmp_path):
-    results = rotation.main(tiny(tiny_folder, tmp_path / "run", "--epochs", "2"))
+    rotation.main(tiny(tiny_folder, tmp_path / "run", "--epochs", "2"))
     out = tmp_path / "run"
     for name in ("config.json", "log.jsonl", "checkpoint.pt", "encoder.pt", "eval.json"):
         assert (out / name).is_file(), name

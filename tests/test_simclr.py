@@ -1,6 +1,5 @@
 """simclr.py: NT-Xent against a plain loop, augmentations, LARS, and the script."""
 import json
-import math
 import subprocess
 import sys
 
