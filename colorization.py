@@ -194,12 +194,8 @@ def train(args: Args):
     results = {**test_ab_error(net, data.test, bins, args, run.device), "steps": run.step, "num_bins": len(bins)}
     run.print(f"mean |ab error| on the test split: {results['pretext_ab_error']:.2f}, colourfulness (chroma of "
               f"the output / the original's): {results['pretext_colourfulness']:.3f} (grid: {run.out / 'grid.png'})")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(LightnessEncoder(net.backbone), LightnessEncoder(random_backbone), data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, LightnessEncoder(net.backbone),
+                      lambda: LightnessEncoder(common.build_backbone(args.backbone, args.image_size)[0]))
 
 
 # ---------------------------------------------------------------------------

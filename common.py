@@ -14,9 +14,9 @@ What the method files use, by section (everything else is internal):
     augmentation        random_resized_crop, centre_squares, random_crop_flip, color_jitter,
                         random_grayscale, gaussian_blur, Normalize
     backbones           build_backbone, feature_map
-    evaluation          evaluate (through Run.evaluate), extract_features, knn_accuracy, linear_probe
+    evaluation          evaluate (through Run.finish), extract_features, knn_accuracy, linear_probe
     the run             Run: loader, prepare, steps, to_device, format, autocast, log, check_finite,
-                        save_encoder, evaluate, finish, print; set_lr, cosine_lr, unwrap,
+                        save_encoder, finish (the evaluation too), print; set_lr, cosine_lr, unwrap,
                         gather, gather_with_grad
 """
 from __future__ import annotations
@@ -1682,8 +1682,15 @@ class Run:
         return evaluate(encoder, random_encoder, data, self.device, self.args.workers,
                         neighbours=self.out / "neighbours.png" if self.is_main else None)
 
-    def finish(self, results: dict):
-        """Write eval.json and print the final line beside the random-init baseline."""
+    def finish(self, results: dict, data: ImageData | None = None, encoder: nn.Module | None = None,
+               random_encoder=None) -> dict:
+        """The end of a run. With --eval and an `encoder`, first the common protocol on it
+        beside the random-init one, which `random_encoder()` builds right after the seed is
+        reset to --seed (so every run of a seed compares with the same random network).
+        Then eval.json and the final line."""
+        if encoder is not None and self.args.eval:
+            torch.manual_seed(self.args.seed)
+            results.update(self.evaluate(encoder, random_encoder(), data))
         if self.is_main:
             results = {"method": self.method, **results}
             if self._train_end is not None:  # training only: from the first step (or the resume) to the last
@@ -1698,6 +1705,7 @@ class Run:
                     line.append(f"{key} {results[key]:.4f} (random init {results['random_' + key]:.4f})")
             self.print(" | ".join(line) + f" | results in {self.out / 'eval.json'}")
         self.close()
+        return results
 
     def close(self):
         """Restore the signal handlers, close the log, leave the process group. Safe to call twice."""

@@ -225,12 +225,8 @@ def train(args: Args):
     run.print(f"mean squared error in the hole on the test split: {results['pretext_hole_mse']:.5f}, "
               f"edge strength of the fill / original: {results['pretext_hole_sharpness']:.3f} "
               f"(grid of fills: {run.out / 'grid.png'})")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, encoder_of(net.backbone),
+                      lambda: encoder_of(common.build_backbone(args.backbone, args.image_size)[0]))
 
 
 # ---------------------------------------------------------------------------

@@ -199,13 +199,8 @@ def train(args: Args):
     results = {"pretext_top1": pretext_accuracy(net, data.test, perms, args, run.device), "steps": run.step,
                "min_hamming": min_d}
     run.print(f"permutation accuracy on the test split: {results['pretext_top1']:.4f} (chance {1 / len(perms):.4f})")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.tile)
-        results.update(run.evaluate(TileNormalizedEncoder(net.backbone), TileNormalizedEncoder(random_backbone),
-                                    data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, TileNormalizedEncoder(net.backbone),
+                      lambda: TileNormalizedEncoder(common.build_backbone(args.backbone, args.tile)[0]))
 
 
 # ---------------------------------------------------------------------------

@@ -201,12 +201,8 @@ def finish(run, args: Args, data, f_q, f_k, chance: float):
     results = {"pretext_top1": key_accuracy(common.unwrap(f_q), f_k, data.test, args, run.device),
                "steps": run.step, "loss_chance": chance}
     run.print(f"query finds its key among 512 test keys: {results['pretext_top1']:.4f} (chance {1 / 512:.4f})")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(encoder_of(backbone), encoder_of(random_backbone), data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, encoder_of(backbone),
+                      lambda: encoder_of(common.build_backbone(args.backbone, args.image_size)[0]))
 
 
 def encoder_of(backbone: nn.Module) -> nn.Module:

@@ -180,12 +180,8 @@ def train(args: Args):
         return run.close()
     results = {"pretext_top1": pretext_accuracy(net, data.test, args, run.device), "steps": run.step}
     run.print(f"position accuracy on the test split: {results['pretext_top1']:.4f} (chance 0.1250)")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.patch)
-        results.update(run.evaluate(encoder_of(net.backbone), encoder_of(random_backbone), data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, encoder_of(net.backbone),
+                      lambda: encoder_of(common.build_backbone(args.backbone, args.patch)[0]))
 
 
 # ---------------------------------------------------------------------------

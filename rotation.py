@@ -149,13 +149,8 @@ def train(args: Args):
         return run.close()
     results = {"pretext_top1": pretext_accuracy(net, data.test, args.angles, run.device), "steps": run.step}
     run.print(f"rotation accuracy on the test split: {results['pretext_top1']:.4f} (chance {1 / args.angles:.4f})")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(encoder_of(net.backbone, args.angles), encoder_of(random_backbone, args.angles),
-                                    data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, encoder_of(net.backbone, args.angles),
+                      lambda: encoder_of(common.build_backbone(args.backbone, args.image_size)[0], args.angles))
 
 
 # ---------------------------------------------------------------------------

@@ -167,12 +167,8 @@ def train(args: Args):
         return run.close()
     results = {"pretext_top1": _pair_accuracy(net, data.test, chosen, args, run.device), "steps": run.step}
     run.print(f"positive-pair top-1 on the test split (batch {min(len(data.test), 512)}): {results['pretext_top1']:.4f}")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random_backbone, _ = common.build_backbone(args.backbone, args.image_size)
-        results.update(run.evaluate(encoder_of(net.f), encoder_of(random_backbone), data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, encoder_of(net.f),
+                      lambda: encoder_of(common.build_backbone(args.backbone, args.image_size)[0]))
 
 
 # ---------------------------------------------------------------------------

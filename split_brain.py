@@ -194,12 +194,8 @@ def train(args: Args):
     run.print(f"test split: mean |ab error| from L {results['pretext_ab_error']:.2f} (always grey: "
               f"{results['pretext_ab_error_grey_guess']:.2f}), mean |L error| from ab {results['pretext_L_error']:.2f} "
               f"(always the mean L: {results['pretext_L_error_mean_guess']:.2f}); grid: {run.out / 'grid.png'}")
-    if args.eval:
-        torch.manual_seed(args.seed)
-        random = SplitBrain(args.backbone, args.image_size, 2, 1)
-        results.update(run.evaluate(SplitBrainEncoder(net), SplitBrainEncoder(random), data))
-    run.finish(results)
-    return results
+    return run.finish(results, data, SplitBrainEncoder(net),
+                      lambda: SplitBrainEncoder(SplitBrain(args.backbone, args.image_size, 2, 1)))
 
 
 # ---------------------------------------------------------------------------
