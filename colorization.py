@@ -182,11 +182,11 @@ def train(args: Args):
             loss = multinomial_loss(out, Z, weights[Z.argmax(1)])  # v(Z_hw): the weight of the nearest bin
         else:
             loss = F.mse_loss(out, ab / 100)  # ab scaled to about [-1, 1]
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.log(len(images), loss=loss.item(), lr=lr)
+        run.log(len(images), loss=loss.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     run.save_encoder(net.backbone)
     if not run.is_main:

@@ -203,7 +203,7 @@ def train(args: Args):
             loss_adv = F.binary_cross_entropy_with_logits(disc(fake).float(), torch.ones(len(x), device=x.device)) \
                 if adversarial else torch.zeros((), device=x.device)
             loss = args.rec_weight * loss_rec + args.adv_weight * loss_adv
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
@@ -216,6 +216,7 @@ def train(args: Args):
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
+        # [plumbing] progress line, log.jsonl
         run.log(len(images), loss_rec=loss_rec.item(), loss_adv=loss_adv.item(), loss_d=loss_d.item(), lr=lr)
 
     run.save_encoder(net.backbone)

@@ -176,14 +176,14 @@ def train(args: Args):
         logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
         labels = torch.zeros(N, dtype=torch.long, device=q.device)  # the positive is index 0
         loss = F.cross_entropy(logits / moco.t, labels)
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # SGD update: query network
         moco.momentum_update()  # f_k.params = m * f_k.params + (1 - m) * f_q.params
         moco.enqueue_dequeue(common.gather(k))  # newest keys (from all processes) in, oldest out
         acc = (logits.argmax(1) == 0).float().mean()  # instance discrimination: k+ ranked first of 1 + K
-        run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
+        run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     return finish(run, args, data, f_q, f_k, chance)
 
@@ -352,7 +352,7 @@ def train_other_dictionary(args: Args):
             logits = torch.cat([l_pos, l_neg], dim=1)
             labels = torch.zeros(N, dtype=torch.long, device=q.device)
         loss = F.cross_entropy(logits / args.temperature, labels)
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -362,7 +362,7 @@ def train_other_dictionary(args: Args):
                 bank[idx_all] = F.normalize(args.bank_momentum * bank[idx_all] + (1 - args.bank_momentum) * q_all,
                                             dim=1)
         acc = (logits.argmax(1) == labels).float().mean()
-        run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)
+        run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     return finish(run, args, data, f_q, common.unwrap(f_q), chance)  # keys by f_q: no f_k here
 

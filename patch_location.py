@@ -168,12 +168,12 @@ def train(args: Args):
         with run.autocast():
             logits = model(run.format(centre), run.format(neighbour))  # (N, 8)
             loss = position_loss(logits.float(), y)
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         acc = (logits.argmax(1) == y).float().mean()
-        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
+        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     run.save_encoder(net.backbone)
     if not run.is_main:

@@ -153,14 +153,14 @@ def train(args: Args):
         # Under torchrun the negatives are the global batch: gather z from every process.
         z1, z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)
         loss = nt_xent(z1, z2, args.temperature)  # l(i, j) over all 2N views
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             logits, targets = similarity_logits(z1, z2, args.temperature)
             acc = (logits.argmax(1) == targets).float().mean()  # partner ranked first among 2N - 1
-        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)
+        run.log(len(images), loss=loss.item(), acc=acc.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     run.save_encoder(net.f)
     if not run.is_main:

@@ -181,11 +181,11 @@ def train(args: Args):
             loss1 = F.mse_loss(out1, target[:, 1:] / 100)
             loss2 = F.mse_loss(out2, target[:, :1] / 50 - 1)
         loss = loss1 + loss2
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.log(len(images), loss_ab=loss1.item(), loss_L=loss2.item(), lr=lr)
+        run.log(len(images), loss_ab=loss1.item(), loss_L=loss2.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     run.save_encoder(nn.ModuleDict({"f1": net.f1, "f2": net.f2}))
     if not run.is_main:

@@ -251,11 +251,11 @@ def train(args: Args):
         flip = torch.rand(len(x), device=x.device) < 0.5  # the same flip for every frame of a clip
         x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
         loss, acc, _, _ = clip_loss(model, x, centres, args.temperature, run)
-        run.check_finite(loss)
+        run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.log(len(x), loss=loss.item(), acc=acc.item(), lr=lr)
+        run.log(len(x), loss=loss.item(), acc=acc.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     net = common.unwrap(model)
     run.save_encoder(net.backbone)
