@@ -1,98 +1,156 @@
-"""Where the time goes: each method's training throughput against its bare backbone's.
+"""Where the time goes: each method's training step against the networks it trains.
 
-    python benchmarks/efficiency.py                      # all nine methods, built-in data, ~5 min on 2 CPU cores
-    python benchmarks/efficiency.py --methods jigsaw moco --steps 30
+    python benchmarks/efficiency.py                      # all nine methods, built-in data (~10 min on 2 CPU cores)
+    python benchmarks/efficiency.py --methods moco colorization --repeats 5
     python benchmarks/efficiency.py --device cuda --backbone resnet18   # on a GPU (bf16, channels_last as the methods)
     python benchmarks/efficiency.py --methods colorization --profile    # and where a step's time goes, by operator
 
-For every method, in one process and one after the other:
-  1. the method's own main() for --steps optimiser steps (no evaluation), its
-     training images/s read from eval.json (source images: one per image, however
-     many views, tiles or patches the pretext task makes of it);
-  2. the bare backbone, forward and backward with SGD, on the tensors the pretext
-     task feeds it per step: 4 rotations, 2 patches, 9 tiles, 2 views (MoCo: the key
-     view forward only), 4 frames of a clip, and so on, at each method's default sizes.
-The ratio method / bare is the share of the time spent in the backbone. Well below 1
-means the pretext data, heads, losses or bookkeeping cost time worth a look;
---profile then says which operators take it (torch.profiler, CPU self time).
+For every method, one after the other, --repeats times:
+  1. the method's own main() with its default options, as its command line runs it
+     (without the evaluation and the kNN monitor), for --steps training steps. The time of
+     each step is read at run.log, which every method's loop calls once per step.
+  2. In the last step, forward hooks record every network call the method's own code
+     makes: each call of a module with parameters that is not made from inside another
+     such call (the encoder with its head, MoCo's key encoder, inpainting's context
+     encoder and discriminator, both halves of split-brain ...), with the tensors it was
+     given, whether gradients were on and whether the module was in training mode.
+  3. Those calls are replayed on those tensors: forward, backward from every output
+     that needs a gradient, an SGD step over the parameters: the time of the networks
+     alone, with nothing of the method around them (no data, augmentation, loss,
+     queue or logging).
+ratio = the networks' time / the method's step time (medians over steps). 1.0: nothing
+outside the networks costs time. The table gives the median ratio over the repeats and
+its range (each repeat a fresh run). Below 0.9, --profile says which operators take the
+rest (torch.profiler, CPU self time).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 from registry import METHODS  # noqa: E402
 
-
-def bare_workload(method: str, args) -> tuple[list[tuple[int, int, bool]], bool, int]:
-    """What the backbone sees per step: [(images, side, with backward)], half width, image_size for the
-    backbone's stem choice. Sizes come from the method's own defaults."""
-    b, s = args.batch_size, args.image_size
-    if method == "rotation":
-        return [(args.angles * b, s, True)], False, s
-    if method == "patch_location":
-        return [(2 * b, args.patch, True)], False, args.patch
-    if method == "jigsaw":
-        return [(9 * b, args.tile, True)], False, args.tile
-    if method in ("inpainting", "colorization"):
-        return [(b, s, True)], False, s
-    if method == "split_brain":
-        return [(b, s, True), (b, s, True)], True, s  # two half-width networks, one image each
-    if method == "video_colorization":
-        return [((args.ref_frames + 1) * b, args.crop or s, True)], False, s
-    if method == "simclr":
-        return [(2 * b, s, True)], False, s
-    if method == "moco":
-        return [(b, s, True), (b, s, False)], False, s  # queries learn; keys only go forward
-    raise ValueError(method)
+WARM = 3  # steps before the timed ones: allocations and caches settle
 
 
-def bare_throughput(method: str, args, device, steps: int) -> float:
-    """Source images per second of forward + backward + SGD on the backbone alone."""
-    work, half, stem_size = bare_workload(method, args)
-    layout = torch.channels_last if common.uses_channels_last(device) else torch.contiguous_format
-    nets = []
-    for _ in work if half else work[:1]:
-        net, _ = common.build_backbone(args.backbone, stem_size, half=half)
-        if method == "video_colorization":
-            import video_colorization
-            net = video_colorization.dense(net)
-        nets.append(net.to(device).to(memory_format=layout).train())
-    params = [p for n in nets for p in n.parameters()]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    batches = [torch.rand(n, 3, side, side, device=device).contiguous(memory_format=layout)
-               for n, side, _ in work]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _detached(value):
+    """A copy of a call's arguments that the method cannot change afterwards (same layout)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+class NetworkCalls:
+    """Global forward hooks that record the outermost calls of modules with parameters."""
+
+    def __init__(self):
+        self.calls = []  # (module, args, kwargs, grad enabled, training mode, autocast on cuda)
+        self._open = []
+        self._handles = []
+
+    def __enter__(self):
+        hooks = nn.modules.module
+        self._handles = [hooks.register_module_forward_pre_hook(self._pre),
+                         hooks.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _pre(self, module, args):
+        if self._open or next(module.parameters(), None) is not None:
+            self._open.append(module)
+
+    def _post(self, module, args, kwargs, output):
+        if self._open and self._open[-1] is module:
+            self._open.pop()
+            if not self._open:  # an outermost call: one the method's own code made
+                self.calls.append((module, _detached(args), _detached(kwargs), torch.is_grad_enabled(),
+                                   module.training, torch.is_autocast_enabled("cuda")))
+
+
+def run_method(method: str, argv: list[str], steps: int) -> tuple[list[float], list]:
+    """The method's main() for `steps` steps: the wall time of each step (from one run.log
+    call to the next) and the network calls of the last step."""
+    module = importlib.import_module(method)
+    stamps, recorder = [], NetworkCalls()
+    log = common.Run.log
+
+    def timed_log(self, *a, **k):
+        result = log(self, *a, **k)
+        stamps.append(time.perf_counter())
+        if len(stamps) == steps - 1:
+            recorder.__enter__()  # the last step is recorded, not timed
+        elif len(stamps) == steps:
+            recorder.__exit__()
+        return result
+
+    common.Run.log = timed_log
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            module.main([*argv, "--max-steps", str(steps), "--no-eval", "--monitor-every", "0",
+                         "--log-every", "0", "--out", out])
+    finally:
+        common.Run.log = log
+        recorder.__exit__()
+    step_times = [b - a for a, b in zip(stamps[WARM:-2], stamps[WARM + 1:-1])]
+    return step_times, recorder.calls
+
+
+def replay_times(calls: list, device, repeats: int) -> list[float]:
+    """The recorded calls replayed `repeats` times: forward, backward, SGD step (lr 0)."""
+    params = list({id(p): p for module, *_ in calls for p in module.parameters() if p.requires_grad}.values())
+    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        loss = 0
-        for k, (x, (_, _, grad)) in enumerate(zip(batches, work)):
-            net = nets[k if half else 0]
-            with amp, torch.set_grad_enabled(grad):
-                out = (common.feature_map(net, x) if method == "video_colorization" else net(x)).float().mean()
-            loss = loss + out if grad else loss
-        loss.backward()
-        opt.step()
+        if opt:
+            opt.zero_grad(set_to_none=True)
+        outputs = []
+        for module, args, kwargs, grad, training, amp in calls:
+            module.train(training)
+            with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                outputs += [t for t in _tensors(module(*args, **kwargs)) if t.requires_grad]
+        if outputs:
+            sum(t.float().mean() for t in outputs).backward()
+        if opt:
+            opt.step()
 
-    for _ in range(2):  # warm-up: allocations, cuDNN autotuning
+    times = []
+    for i in range(WARM + repeats):
+        _sync(device)
+        start = time.perf_counter()
         step()
-    _sync(device)
-    start = time.time()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return args.batch_size * steps / (time.time() - start)
+        _sync(device)
+        if i >= WARM:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def _sync(device):
@@ -100,14 +158,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def method_throughput(method: str, argv: list[str], steps: int) -> float:
-    module = importlib.import_module(method)
-    with tempfile.TemporaryDirectory() as out:
-        module.main([*argv, "--max-steps", str(steps), "--no-eval", "--log-every", "1000", "--out", out])
-        return json.loads((Path(out) / "eval.json").read_text())["train_images_per_s"]
+def describe(calls: list) -> str:
+    """The recorded calls, e.g. 'ContextEncoder 128x3x32x32, Discriminator 128x3x32x32 (x3)'."""
+    names = []
+    for module, args, _, grad, _, _ in calls:
+        shapes = "x".join(map(str, next(_tensors(args)).shape)) if next(_tensors(args), None) is not None else ""
+        names.append(f"{type(module).__name__} {shapes}{'' if grad else ' (no grad)'}")
+    counted = {}
+    for n in names:
+        counted[n] = counted.get(n, 0) + 1
+    return ", ".join(n + (f" (x{c})" if c > 1 else "") for n, c in counted.items())
 
 
-WARM = 3  # steps before the profiled ones: allocations and caches settle
+def measure(method: str, argv: list[str], steps: int, device) -> tuple[float, float, float, str]:
+    """One repeat: (method's median step time, networks' median time, ratio, what was replayed)."""
+    step_times, calls = run_method(method, argv, steps)
+    nets = replay_times(calls, device, max(5, steps - WARM - 3))
+    ours, theirs = statistics.median(step_times), statistics.median(nets)
+    return ours, theirs, theirs / ours, describe(calls)
 
 
 def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> list[str]:
@@ -119,6 +187,7 @@ def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> li
     time: an operator's own time, not its callees'."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    module = importlib.import_module(method)
     with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=WARM, warmup=1, active=steps, repeat=1)) \
             as prof:
         log = common.Run.log
@@ -129,7 +198,9 @@ def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> li
 
         common.Run.log = log_and_step
         try:
-            method_throughput(method, argv, WARM + 1 + steps)  # the last step's run.log closes the window
+            with tempfile.TemporaryDirectory() as out:  # the last step's run.log closes the window
+                module.main([*argv, "--max-steps", str(WARM + 1 + steps), "--no-eval", "--monitor-every", "0",
+                             "--log-every", "0", "--out", out])
         finally:
             common.Run.log = log
     # us -> ms; a step's own range (ProfilerStep#n) keeps the time no operator covers: Python
@@ -145,27 +216,29 @@ def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> li
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
-    p.add_argument("--steps", type=int, default=20, help="timed steps for each method and each bare backbone")
+    p.add_argument("--steps", type=int, default=30, help="training steps of each run (the first 3 and the "
+                                                         "last, recorded one are not timed)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh runs per method: the ratio's median and range")
     p.add_argument("--backbone", default="small")
     p.add_argument("--device", default="auto")
     p.add_argument("--profile", action="store_true",
                    help="also break each method's step down by operator (one more, profiled run per method)")
     p.add_argument("--out", default="", help="also write the table to this markdown file")
     a = p.parse_args(argv)
+    if a.steps < WARM + 3:
+        common.fail(f"--steps must be at least {WARM + 3}: {WARM} to warm up, 2 to time, 1 to record")
     device = common.pick_device(a.device)
-    lines = [f"Backbone {a.backbone}, device {device}, {a.steps} steps each, each method's default "
-             f"sizes and batch, built-in data.", "",
-             "| method | backbone sees per step | method images/s | bare backbone images/s | ratio |",
+    lines = [f"Backbone {a.backbone}, device {device}, each method's default sizes and batch, built-in data; "
+             f"{a.steps} steps a run, {a.repeats} runs a method.", "",
+             "| method | networks replayed (one step) | method ms/step | networks ms/step | ratio (range) |",
              "|---|---|---|---|---|"]
     for method in a.methods:
-        module = importlib.import_module(method)
-        argv = ["--backbone", a.backbone, "--device", a.device]
-        args = common.parse_args(module.Args, argv)
-        fed = " + ".join(f"{n} x {side} px{'' if grad else ' (forward only)'}"
-                         for n, side, grad in bare_workload(method, args)[0])
-        bare = bare_throughput(method, args, device, a.steps)
-        ours = method_throughput(method, argv, a.steps)
-        lines.append(f"| {method} | {fed} | {ours:.0f} | {bare:.0f} | {ours / bare:.2f} |")
+        argv_run = ["--backbone", a.backbone, "--device", a.device]
+        runs = [measure(method, argv_run, a.steps, device) for _ in range(a.repeats)]
+        ratios = sorted(r[2] for r in runs)
+        lines.append(f"| {method} | {runs[-1][3]} | {1000 * statistics.median(r[0] for r in runs):.1f} | "
+                     f"{1000 * statistics.median(r[1] for r in runs):.1f} | {statistics.median(ratios):.2f} "
+                     f"({ratios[0]:.2f} to {ratios[-1]:.2f}) |")
         print(lines[-1], flush=True)
     if a.profile:
         lines += ["", f"Per step, by operator (CPU self time under torch.profiler, which adds its own overhead; "

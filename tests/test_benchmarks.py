@@ -1,5 +1,6 @@
 """benchmarks/compare.py: runs the methods' own scripts and tabulates their eval.json."""
 import json
+import math
 import subprocess
 import sys
 
@@ -40,19 +41,51 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     assert results[2]["status"].startswith("skipped")  # videos need --davis-dir off the built-in data
 
 
+def test_hooks_record_the_outermost_network_calls_with_their_inputs():
+    """What the method's own code calls: modules with parameters, not those called inside
+    them, not parameter-free ones; inputs copied, gradient mode and training mode kept."""
+    import torch
+    import torch.nn as nn
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import efficiency
+    encoder = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    key_encoder = nn.Linear(4, 2).eval()
+    x = torch.randn(5, 4)
+    with efficiency.NetworkCalls() as recorder:
+        nn.ReLU()(x)  # no parameters: not a network
+        encoder(x)
+        with torch.no_grad():
+            key_encoder(x)
+    given = x.clone()
+    x.add_(1)  # the method changing its tensor afterwards does not change the record
+    modules = [call[0] for call in recorder.calls]
+    assert modules == [encoder, key_encoder]  # encoder's two Linear layers are inside it: not recorded
+    (_, args, _, grad, training, _), (_, key_args, _, key_grad, key_training, _) = recorder.calls
+    assert torch.equal(args[0], given) and grad and training
+    assert torch.equal(key_args[0], given) and not key_grad and not key_training
+    nn.Linear(4, 2)(x)  # after the block: nothing more recorded
+    assert len(recorder.calls) == 2
+    times = efficiency.replay_times(recorder.calls, torch.device("cpu"), 3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert encoder[0].weight.grad is not None and key_encoder.weight.grad is None  # backward where grad was on
+
+
 def test_efficiency_table_has_a_ratio_per_method(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import efficiency
-    text = efficiency.main(["--methods", "moco", "split_brain", "--steps", "1", "--out", str(tmp_path / "eff.md")])
+    text = efficiency.main(["--methods", "moco", "split_brain", "--steps", "6", "--repeats", "2",
+                            "--out", str(tmp_path / "eff.md")])
     assert (tmp_path / "eff.md").read_text() == text
     rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| moco") or
             line.startswith("| split_brain")]
     assert len(rows) == 2
-    assert rows[0][1].strip() == "256 x 32 px + 256 x 32 px (forward only)"  # queries and keys, batch 256
-    assert rows[1][1].strip() == "128 x 32 px + 128 x 32 px"  # split-brain's two halves
+    # MoCo: the query encoder learns, the key encoder only goes forward, batch 256.
+    assert rows[0][1].strip() == "Encoder 256x3x32x32, Encoder 256x3x32x32 (no grad)"
+    assert rows[1][1].strip() == "SplitBrain 128x3x32x32"  # both halves inside one call
     for row in rows:
-        ours, bare, ratio = float(row[2]), float(row[3]), float(row[4])
-        assert ours > 0 and bare > 0 and abs(ratio - ours / bare) < 0.01 + 0.01 * ratio
+        ours, nets = float(row[2]), float(row[3])
+        ratio, low, _, high = row[4].replace("(", "").replace(")", "").split()
+        assert ours > 0 and nets > 0 and float(low) <= float(ratio) <= float(high)
 
 
 def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp_path):
@@ -64,7 +97,9 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     text = (tmp_path / "claims.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| classification") or
             line.startswith("| regression")]
-    assert len(rows) == 2 and "`python colorization.py --loss regression --epochs 1" in rows[1]
+    import colorization
+    epochs = math.ceil(colorization.Args.epochs * 0.1)  # --epoch-scale of the default
+    assert len(rows) == 2 and f"`python colorization.py --loss regression --epochs {epochs} " in rows[1]
     c = record["colorization_loss"]
     runs = {label: c[label]["runs"] for label in c}
     assert all(len(r) == 2 for r in runs.values()) and "Mean ± standard deviation over 2 seeds" in text
