@@ -1676,21 +1676,16 @@ class Run:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
-    def evaluate(self, encoder: nn.Module, random_encoder: nn.Module, data: ImageData) -> dict:
-        """The common protocol (kNN, linear probe, each beside the random-init encoder), and
-        neighbours.png in the run folder."""
-        return evaluate(encoder, random_encoder, data, self.device, self.args.workers,
-                        neighbours=self.out / "neighbours.png" if self.is_main else None)
-
     def finish(self, results: dict, data: ImageData | None = None, encoder: nn.Module | None = None,
                random_encoder=None) -> dict:
         """The end of a run. With --eval and an `encoder`, first the common protocol on it
-        beside the random-init one, which `random_encoder()` builds right after the seed is
-        reset to --seed (so every run of a seed compares with the same random network).
-        Then eval.json and the final line."""
+        (kNN, linear probe, neighbours.png) beside the random-init one, which
+        `random_encoder()` builds right after the seed is reset to --seed (so every run of a
+        seed compares with the same random network). Then eval.json and the final line."""
         if encoder is not None and self.args.eval:
             torch.manual_seed(self.args.seed)
-            results.update(self.evaluate(encoder, random_encoder(), data))
+            results.update(evaluate(encoder, random_encoder(), data, self.device, self.args.workers,
+                                    neighbours=self.out / "neighbours.png" if self.is_main else None))
         if self.is_main:
             results = {"method": self.method, **results}
             if self._train_end is not None:  # training only: from the first step (or the resume) to the last

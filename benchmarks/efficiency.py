@@ -162,7 +162,8 @@ def describe(calls: list) -> str:
     """The recorded calls, e.g. 'ContextEncoder 128x3x32x32, Discriminator 128x3x32x32 (x3)'."""
     names = []
     for module, args, _, grad, _, _ in calls:
-        shapes = "x".join(map(str, next(_tensors(args)).shape)) if next(_tensors(args), None) is not None else ""
+        first = next(_tensors(args), None)
+        shapes = "x".join(map(str, first.shape)) if first is not None else ""
         names.append(f"{type(module).__name__} {shapes}{'' if grad else ' (no grad)'}")
     counted = {}
     for n in names:
