@@ -1066,7 +1066,7 @@ def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def build_backbone(name: str, image_size: int, half: bool = False) -> tuple[nn.Module, int]:
     """(module mapping normalised images (N, 3, H, W) to features (N, width), width).
 
-    half: a network of half the width, for split-brain's two halves; torchvision's
+    half: a network of half the width, for split-brain's `--halves half`; torchvision's
     ResNets have fixed widths, so there it is the full network."""
     if name == "small":
         return (SmallResNet((8, 16, 32, 64)), 64) if half else (SmallResNet(), 128)

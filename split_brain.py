@@ -2,11 +2,13 @@
 
 Zhang, Isola, Efros, "Split-Brain Autoencoders: Unsupervised Learning by
 Cross-Channel Prediction", CVPR 2017. Split the input channels, X1 = L and
-X2 = ab, and the network into two disjoint halves of half the width: F1
-predicts ab from L, F2 predicts L from ab. Each half is trained with a
-classification loss over quantised values, each target softly spread over
-its nearest bins (the paper found classification better than regression,
-Table 2). The representation is the concatenation of both
+X2 = ab, and the network into two disjoint halves: F1 predicts ab from L, F2
+predicts L from ab. The paper splits one network into halves of half the width
+(`--halves half`); here each half is by default a whole `--backbone` network,
+because the small backbone's half-width halves learn too little (README). Each
+half is trained with a classification loss over quantised values, each target
+softly spread over its nearest bins (the paper found classification better
+than regression, Table 2). The representation is the concatenation of both
 halves' features on the full Lab image.
 
     python split_brain.py                             # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
@@ -26,11 +28,12 @@ import common
 
 @dataclass
 class Args(common.Args):
-    epochs: int = 8  # sized for the 3-minute CPU budget on the built-in data
-    batch_size: int = 128
+    epochs: int = 13  # sized for the 3-minute CPU budget on the built-in data (README: what fewer epochs give)
+    batch_size: int = 64  # twice the steps of 128 in the same time; the paper does not say its batch size
     lr: float = 1e-3  # Adam
     loss: str = "classification"  # classification (paper) | regression (L2 on ab and on L)
     l_bins: int = 50  # F2's classes: L quantised into this many bins over [0, 100]
+    halves: str = "full"  # full: each half a whole --backbone network | half: the paper's split of one network (README)
 
 
 # ---------------------------------------------------------------------------
@@ -81,9 +84,10 @@ def lab_input(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Model: two disjoint halves, each with a head
 # ---------------------------------------------------------------------------
-def half_network(backbone_name: str, image_size: int, in_channels: int):
-    """A half-width backbone whose first convolution takes `in_channels` channels."""
-    net, width = common.build_backbone(backbone_name, image_size, half=True)
+def half_network(backbone_name: str, image_size: int, in_channels: int, half_width: bool):
+    """One half: a backbone (of half the width if `half_width`) whose first convolution
+    takes `in_channels` channels."""
+    net, width = common.build_backbone(backbone_name, image_size, half=half_width)
     old = net.conv1
     net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
     return net, width
@@ -114,10 +118,11 @@ class Head(nn.Module):
 
 
 class SplitBrain(nn.Module):
-    def __init__(self, backbone_name: str, image_size: int, ab_outputs: int, l_outputs: int):
+    def __init__(self, backbone_name: str, image_size: int, ab_outputs: int, l_outputs: int,
+                 half_width: bool = False):
         super().__init__()
-        self.f1, w1 = half_network(backbone_name, image_size, 1)  # F1 sees L only
-        self.f2, w2 = half_network(backbone_name, image_size, 2)  # F2 sees ab only
+        self.f1, w1 = half_network(backbone_name, image_size, 1, half_width)  # F1 sees L only
+        self.f2, w2 = half_network(backbone_name, image_size, 2, half_width)  # F2 sees ab only
         self.head1 = Head(self.f1, w1, image_size, 1, ab_outputs)  # -> ab
         self.head2 = Head(self.f2, w2, image_size, 2, l_outputs)  # -> L
         self.width = w1 + w2
@@ -141,6 +146,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def train(args: Args):
     if args.loss not in ("classification", "regression"):
         common.fail(f"--loss must be classification or regression, not {args.loss}")
+    if args.halves not in ("full", "half"):
+        common.fail(f"--halves must be full or half, not {args.halves}")
     if args.l_bins < 2:
         common.fail(f"--l-bins must be at least 2, not {args.l_bins}")
     common.check_image_size(args, 16, "heads at a quarter of the image side")
@@ -150,8 +157,9 @@ def train(args: Args):
     bins = ab_bins().to(run.device)
     classify = args.loss == "classification"
     L_bins = l_centres(args.l_bins).to(run.device)
+    half_width = args.halves == "half"
     model = run.prepare(SplitBrain(args.backbone, args.image_size, len(bins) if classify else 2,
-                                   args.l_bins if classify else 1))
+                                   args.l_bins if classify else 1, half_width))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     run.print(f"F1: L -> ab over {len(bins)} bins; F2: ab -> L over {args.l_bins} bins; "
               f"representation width {common.unwrap(model).width}")
@@ -195,7 +203,7 @@ def train(args: Args):
               f"{results['pretext_ab_error_grey_guess']:.2f}), mean |L error| from ab {results['pretext_L_error']:.2f} "
               f"(always the mean L: {results['pretext_L_error_mean_guess']:.2f}); grid: {run.out / 'grid.png'}")
     return run.finish(results, data, SplitBrainEncoder(net),
-                      lambda: SplitBrainEncoder(SplitBrain(args.backbone, args.image_size, 2, 1)))
+                      lambda: SplitBrainEncoder(SplitBrain(args.backbone, args.image_size, 2, 1, half_width)))
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import common
@@ -24,13 +25,17 @@ def test_each_half_sees_only_its_own_channels():
     assert out1.shape == (2, 7, 8, 8) and out2.shape == (2, 5, 8, 8)
 
 
-def test_halves_are_half_as_wide_and_the_representation_concatenates_them():
-    model = sb.SplitBrain("small", 32, 7, 5)
+def test_halves_and_the_representation_that_concatenates_them():
     full, width = common.build_backbone("small", 32)
-    assert model.width == width == 128
-    assert sum(p.numel() for p in model.f1.parameters()) < 0.3 * sum(p.numel() for p in full.parameters())
-    feats = sb.SplitBrainEncoder(model).eval()(torch.rand(3, 3, 32, 32))
-    assert feats.shape == (3, 128)
+    size = sum(p.numel() for p in full.parameters())
+    whole = sb.SplitBrain("small", 32, 7, 5)  # default: each half a whole small network
+    paper = sb.SplitBrain("small", 32, 7, 5, half_width=True)  # --halves half: one network split in two
+    assert whole.width == 2 * width and paper.width == width == 128
+    assert 0.95 * size < sum(p.numel() for p in whole.f1.parameters()) < size
+    assert sum(p.numel() for p in paper.f1.parameters()) < 0.3 * size
+    for model in (whole, paper):
+        feats = sb.SplitBrainEncoder(model).eval()(torch.rand(3, 3, 32, 32))
+        assert feats.shape == (3, model.width)
 
 
 def test_targets_are_soft_encodings_over_the_nearest_bins():
@@ -76,7 +81,7 @@ def test_end_to_end_and_regression(tiny_folder, tmp_path):
     assert (tmp_path / "grid.png").is_file()
     encoder = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert any(k.startswith("f1.") for k in encoder) and any(k.startswith("f2.") for k in encoder)
-    sb.main(tiny(tiny_folder, tmp_path / "reg", "--max-steps", "2", "--loss", "regression", "--no-eval"))
+    sb.main(tiny(tiny_folder, tmp_path / "reg", "--max-steps", "2", "--loss", "regression", "--halves", "half", "--no-eval"))
 
 
 def test_a_short_run_predicts_lightness_from_colour(tmp_path):
@@ -94,3 +99,9 @@ def test_two_process_torchrun(tiny_folder, tmp_path):
                            "split_brain.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
                           cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bad_halves_is_one_line(tmp_path):
+    with pytest.raises(common.RunError) as e:
+        sb.main(["--halves", "quarter", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--halves must be full or half" in str(e.value)
