@@ -4,9 +4,11 @@
     python benchmarks/claims.py --claims moco_queue moco_momentum --epoch-scale 0.5 --seeds 2
     python benchmarks/claims.py --extra "--dataset folder --data-dir /tmp/cifar10-jpg" --out runs/claims-cifar
 
-Every row is the method's own main() with the flags shown, run with --seeds seeds
-(0, 1, ...) and evaluated with the common protocol; a row shared by two claims runs
-once. Each table gives mean ± standard deviation over the seeds and ends with a
+Every row is the method's own script with the flags shown (a subprocess, as a user
+runs it), run with --seeds seeds (0, 1, ...) and evaluated with the common protocol;
+a row shared by two claims runs once. A stopped sweep goes on where it stopped when
+the same command is given again: finished runs are read from their eval.json, a run
+stopped midway continues from its checkpoint (--resume). Each table gives mean ± standard deviation over the seeds and ends with a
 verdict: whether our measurement agrees with the lecture, at this budget. A
 difference counts only where it exceeds the spread (the better mean minus its
 standard deviation above the other mean plus its own), so one seed settles nothing.
@@ -27,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+
+from registry import run_script  # noqa: E402
 
 # claim -> (what the lecture says, [(row label, method, flags)], verdict(results by label) -> str)
 
@@ -216,6 +220,31 @@ def render(record: dict) -> str:
     return "\n".join(text) + "\n"
 
 
+def run_seed(method: str, argv: list[str], run: Path) -> dict:
+    """One run of a row: read back if it finished in an earlier, stopped sweep; continued
+    from its checkpoint if it stopped midway; otherwise run. Its command is kept beside it,
+    so a folder that holds another sweep's run is refused rather than mixed in."""
+    command = " ".join([f"{method}.py", *argv])
+    said = run / "claims_command.txt"
+    if said.is_file() and said.read_text() != command:
+        common.fail(f"{run} holds a run of another sweep ({said.read_text()}); choose another --out")
+    if (run / "eval.json").is_file():
+        print(f"[claims] already run: reading {run / 'eval.json'}", flush=True)
+        return json.loads((run / "eval.json").read_text())
+    resume = (run / "checkpoint.pt").is_file()
+    run.mkdir(parents=True, exist_ok=True)
+    said.write_text(command)
+    log = run.parent / f"{run.name}.log"
+    if resume:  # the run's own options come from its checkpoint; --max-steps belongs to each command
+        limit = argv[argv.index("--max-steps"):argv.index("--max-steps") + 2] if "--max-steps" in argv else []
+        result = run_script(method, ["--resume", str(run), *limit], run, log)
+    else:
+        result = run_script(method, [*argv, "--log-every", "30"], run, log)
+    if result["status"] != "ok":
+        common.fail(f"{command} {result['status']} (log: {log})")
+    return {k: v for k, v in result.items() if k not in ("status", "wall_s", "peak_rss_mb")}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS), metavar="CLAIM",
@@ -235,8 +264,6 @@ def main(argv=None):
         (out / "claims.md").write_text(render(record))
         print(render(record), flush=True)
         return record
-    if (out / "results.json").exists():  # its runs would refuse to be overwritten, one by one
-        common.fail(f"--out {out} holds an earlier claims sweep; choose another --out (or --render it)")
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, dict] = {}  # (method, flags) -> the runs; a row shared by two claims runs once
     record = {}
@@ -254,8 +281,7 @@ def main(argv=None):
                 for seed in range(a.seeds):
                     print(f"[claims] {claim}: {label}: python {method}.py {' '.join(argv_run)} --seed {seed}",
                           flush=True)
-                    runs.append(module.main([*argv_run, "--seed", str(seed), "--out", str(folder / f"seed{seed}"),
-                                             "--log-every", "30"]))
+                    runs.append(run_seed(method, [*argv_run, "--seed", str(seed)], folder / f"seed{seed}"))
                 done[key] = {"runs": runs, "command": f"python {method}.py {' '.join(argv_run)}",
                              "folder": str(folder)}
             results[label] = done[key]

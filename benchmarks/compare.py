@@ -21,18 +21,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-from registry import METHODS  # noqa: E402
+from registry import METHODS, run_script  # noqa: E402
 
 
 def parse(argv=None):
@@ -54,10 +50,9 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def command(method: str, a, out: Path) -> list[str] | str:
-    """The method's command line, or a string saying why it cannot run."""
-    argv = [sys.executable, str(ROOT / f"{method}.py"), "--backbone", a.backbone, "--out", str(out),
-            "--log-every", "30"]
+def command(method: str, a) -> list[str] | str:
+    """The method's options, or a string saying why it cannot run."""
+    argv = ["--backbone", a.backbone, "--log-every", "30"]
     if method == "video_colorization":
         if a.davis_dir:
             argv += ["--dataset", "davis", "--data-dir", a.davis_dir]
@@ -76,49 +71,11 @@ def command(method: str, a, out: Path) -> list[str] | str:
 
 def run_method(method: str, a, out: Path) -> dict:
     """Run one method's script; its eval.json plus wall time, peak memory and status."""
-    argv = command(method, a, out / method)
+    argv = command(method, a)
     if isinstance(argv, str):
         return {"method": method, "status": argv}
-    log = out / f"{method}.log"
-    print(f"[compare] {method}: {' '.join(argv[1:])}", flush=True)
-    start = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            # wait4 returns this child's own resource usage, so its peak resident set.
-            _, status, usage = _wait(proc, a.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return {"method": method, "status": f"failed: stopped after --timeout {a.timeout:g} s (see {log})",
-                    "wall_s": time.time() - start}
-        except BaseException:  # stopped by a signal: the method saves its checkpoint and leaves too
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            raise
-    wall = time.time() - start
-    row = {"method": method, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
-    code = os.waitstatus_to_exitcode(status)
-    eval_json = out / method / "eval.json"
-    if code != 0 or not eval_json.is_file():
-        lines = log.read_text(errors="replace").strip().splitlines()
-        row["status"] = f"failed (exit {code}): {lines[-1] if lines else 'no output'}"
-        return row
-    row.update(json.loads(eval_json.read_text()))
-    row["status"] = "ok"
-    return row
-
-
-def _wait(proc, timeout: float):
-    if not timeout:
-        return os.wait4(proc.pid, 0)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            return pid, status, usage
-        time.sleep(0.5)
-    raise subprocess.TimeoutExpired(proc.args, timeout)
+    print(f"[compare] {method}: {method}.py {' '.join(argv)} --out {out / method}", flush=True)
+    return run_script(method, argv, out / method, out / f"{method}.log", a.timeout)
 
 
 def _pretext(r: dict) -> str:

@@ -3,14 +3,66 @@
     python benchmarks/registry.py          # print them
 
 A method is its script, `<name>.py` at the top of the repository, run by its
-command line (compare.py: a subprocess) or by its main(argv), which takes the
-same arguments (claims.py, efficiency.py).
+command line as a user would: run_script() here (compare.py, claims.py). Only
+efficiency.py calls a method's main(argv) (same arguments) in its own process,
+because its forward hooks must sit inside the run they measure.
 """
 import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE_METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain", "simclr",
                  "moco")  # evaluated with kNN and the linear probe on images
 METHODS = IMAGE_METHODS[:6] + ("video_colorization",) + IMAGE_METHODS[6:]  # lecture order; videos scored by J
+
+
+
+def run_script(method: str, argv: list[str], out: Path, log: Path, timeout: float = 0) -> dict:
+    """`python <method>.py ARGV --out OUT` in a subprocess, its output in `log`: the run's
+    eval.json plus wall_s, peak_rss_mb (the child's own peak resident set) and status
+    ("ok", or "failed ..." with the method's last line). A run stopped by a signal passes
+    the signal on (the method saves its checkpoint) and re-raises."""
+    command = [sys.executable, str(ROOT / f"{method}.py"), *argv, "--out", str(out)]
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = _wait(proc, timeout)  # wait4: this child's own resource usage
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"method": method, "status": f"failed: stopped after --timeout {timeout:g} s (see {log})",
+                    "wall_s": time.time() - start}
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+    row = {"method": method, "wall_s": time.time() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not (out / "eval.json").is_file():
+        lines = log.read_text(errors="replace").strip().splitlines()
+        return {**row, "status": f"failed (exit {code}): {lines[-1] if lines else 'no output'}"}
+    return {**row, **json.loads((out / "eval.json").read_text()), "status": "ok"}
+
+
+def _wait(proc, timeout: float):
+    if not timeout:
+        return os.wait4(proc.pid, 0)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        time.sleep(0.5)
+    raise subprocess.TimeoutExpired(proc.args, timeout)
+
 
 if __name__ == "__main__":
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

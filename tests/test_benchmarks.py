@@ -4,6 +4,9 @@ import math
 import subprocess
 import sys
 
+import pytest
+
+import common
 from conftest import ROOT, script_env
 
 
@@ -81,7 +84,8 @@ def test_efficiency_table_has_a_ratio_per_method(tmp_path):
     assert len(rows) == 2
     # MoCo: the query encoder learns, the key encoder only goes forward, batch 256.
     assert rows[0][1].strip() == "Encoder 256x3x32x32, Encoder 256x3x32x32 (no grad)"
-    assert rows[1][1].strip() == "SplitBrain 128x3x32x32"  # both halves inside one call
+    import split_brain
+    assert rows[1][1].strip() == f"SplitBrain {split_brain.Args.batch_size}x3x32x32"  # both halves in one call
     for row in rows:
         ours, nets = float(row[2]), float(row[3])
         ratio, low, _, high = row[4].replace("(", "").replace(")", "").split()
@@ -117,6 +121,20 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     assert (tmp_path / "colorization_loss-regression.png").is_file()
     claims.main(["--render", "--out", str(tmp_path)])  # rebuilt from results.json alone: the same tables
     assert (tmp_path / "claims.md").read_text() == text
+
+    # The same command again continues a stopped sweep: finished runs are read back, a run
+    # without its eval.json (stopped before its end) continues from its checkpoint.
+    stopped = tmp_path / "colorization-01" / "seed1"
+    (stopped / "eval.json").unlink()
+    argv = ["--claims", "colorization_loss", "--epoch-scale", "0.1", "--extra", extra, "--seeds", "2",
+            "--out", str(tmp_path)]
+    again = claims.main(argv)["colorization_loss"]
+    for label in c:
+        for first, second in zip(c[label]["runs"], again[label]["runs"]):
+            assert {k: first[k] for k in first if "top1" in k} == {k: second[k] for k in second if "top1" in k}
+    assert (stopped / "eval.json").is_file() and f"resumed {stopped}" in (stopped.parent / "seed1.log").read_text()
+    with pytest.raises(common.RunError, match="another sweep"):  # other options: not mixed into this sweep
+        claims.main([*argv[:-2], "--epoch-scale", "0.2", "--out", str(tmp_path)])
 
 
 def test_claims_need_a_difference_beyond_the_spread_of_the_seeds():
