@@ -8,7 +8,8 @@ Every row is the method's own script with the flags shown (a subprocess, as a us
 runs it), run with --seeds seeds (0, 1, ...) and evaluated with the common protocol;
 a row shared by two claims runs once. A stopped sweep goes on where it stopped when
 the same command is given again: finished runs are read from their eval.json, a run
-stopped midway continues from its checkpoint (--resume). Each table gives mean ± standard deviation over the seeds and ends with a
+stopped midway continues from its checkpoint (--resume). Each table gives mean ±
+standard deviation over the seeds and ends with a
 verdict: whether our measurement agrees with the lecture, at this budget. A
 difference counts only where it exceeds the spread (the better mean minus its
 standard deviation above the other mean plus its own), so one seed settles nothing.
