@@ -546,9 +546,12 @@ def decode_to_memory(samples: list[tuple[str, int]], image_size: int, load_size:
             if problem:
                 problems.append(problem)
                 continue
+            # Copies: a tensor received from a worker keeps a file descriptor open while it
+            # lives (torch's file_descriptor sharing), and 50,000 kept images would run past
+            # the process's limit ("received 0 items of ancdata").
             if whole:
-                wholes.append(x)
-            squares.append(square)
+                wholes.append(x.clone() if workers else x)
+            squares.append(square.clone() if workers else square)
             labels.append(label)
             small += side < image_size
     out = {"squares": torch.stack(squares) if squares else torch.empty(0, 3, image_size, image_size,

@@ -211,3 +211,22 @@ def test_a_missing_dataset_under_torchrun_fails_on_every_process_without_waiting
                           timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("error: cifar10 not found") == 2, proc.stderr[-3000:]
+
+
+def test_decoding_many_images_with_workers_keeps_few_files_open(tiny_folder):
+    """Each image a worker decodes arrives with an open file descriptor (torch's sharing);
+    kept as they are, 50,000 CIFAR images ran past the limit ("received 0 items of
+    ancdata"). Here 1,000 decodes under a limit of 400 open files."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+from pathlib import Path
+import common
+files = sorted(Path({str(tiny_folder)!r}).rglob("*.png"))
+samples = [(str(files[i % len(files)]), 0) for i in range(1000)]
+out = common.decode_to_memory(samples, 32, 32, workers=2)
+assert out["squares"].shape == (1000, 3, 32, 32) and not out["problems"]
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
