@@ -23,7 +23,6 @@ IMAGE_METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "coloriza
 METHODS = IMAGE_METHODS[:6] + ("video_colorization",) + IMAGE_METHODS[6:]  # lecture order; videos scored by J
 
 
-
 def run_script(method: str, argv: list[str], out: Path, log: Path, timeout: float = 0) -> dict:
     """`python <method>.py ARGV --out OUT` in a subprocess, its output in `log`: the run's
     eval.json plus wall_s, peak_rss_mb (the child's own peak resident set) and status
