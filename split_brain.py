@@ -17,6 +17,7 @@ halves' features on the full Lab image.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class Args(common.Args):
     loss: str = "classification"  # classification (paper) | regression (L2 on ab and on L)
     l_bins: int = 50  # F2's classes: L quantised into this many bins over [0, 100]
     halves: str = "full"  # full: each half a whole --backbone network | half: the paper's split of one network (README)
+    turn_hues: bool = True  # F2 sees ab turned by a random hue angle per image (ours, not the paper's; README)
 
 
 # ---------------------------------------------------------------------------
@@ -69,6 +71,17 @@ def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: 
     weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)
     target = torch.zeros_like(d2).scatter_(1, near, weights)
     return target.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def turn_hues(lab: torch.Tensor) -> torch.Tensor:
+    """Lab (N, 3, H, W) with each image's ab plane rotated by its own random angle: every
+    hue moves by the same angle, chroma and L stay. Not in the paper: on the built-in
+    images a part's colour nearly fixes its lightness, so F2 could predict L from ab by
+    looking a colour up; with the hues turned it has to use the layout of the colours."""
+    theta = torch.rand(len(lab), 1, 1, device=lab.device) * 2 * math.pi
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    a, b = lab[:, 1], lab[:, 2]
+    return torch.stack([lab[:, 0], cos * a - sin * b, sin * a + cos * b], dim=1)
 
 
 def scale_lab(lab: torch.Tensor) -> torch.Tensor:
@@ -178,8 +191,9 @@ def train(args: Args):
         x = run.to_device(images)
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
         lab = common.rgb_to_lab(x)  # (N, 3, H, W): L, a, b
+        seen = turn_hues(lab) if args.turn_hues else lab  # F1 sees only L, so this changes F2's input alone
         with run.autocast():
-            out1, out2 = model(run.format(scale_lab(lab)))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
+            out1, out2 = model(run.format(scale_lab(seen)))  # F1(L): (N, Q or 2, h, w); F2(ab): (N, l_bins or 1, h, w)
         out1, out2 = out1.float(), out2.float()
         target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
         if classify:

@@ -81,7 +81,8 @@ def test_end_to_end_and_regression(tiny_folder, tmp_path):
     assert (tmp_path / "grid.png").is_file()
     encoder = torch.load(tmp_path / "encoder.pt", weights_only=True)
     assert any(k.startswith("f1.") for k in encoder) and any(k.startswith("f2.") for k in encoder)
-    sb.main(tiny(tiny_folder, tmp_path / "reg", "--max-steps", "2", "--loss", "regression", "--halves", "half", "--no-eval"))
+    sb.main(tiny(tiny_folder, tmp_path / "reg", "--max-steps", "2", "--loss", "regression", "--halves", "half",
+                 "--no-turn-hues", "--no-eval"))
 
 
 def test_a_short_run_predicts_lightness_from_colour(tmp_path):
@@ -105,3 +106,16 @@ def test_bad_halves_is_one_line(tmp_path):
     with pytest.raises(common.RunError) as e:
         sb.main(["--halves", "quarter", "--out", str(tmp_path)])
     assert e.value.code == 2 and "--halves must be full or half" in str(e.value)
+
+
+def test_turning_hues_moves_every_hue_of_an_image_by_one_angle():
+    torch.manual_seed(0)
+    lab = torch.cat([torch.rand(3, 1, 4, 4) * 100, (torch.rand(3, 2, 4, 4) - 0.5) * 160], dim=1)
+    turned = sb.turn_hues(lab)
+    assert torch.equal(turned[:, 0], lab[:, 0])  # lightness untouched
+    assert torch.allclose(turned[:, 1:].norm(dim=1), lab[:, 1:].norm(dim=1), atol=1e-3)  # chroma kept
+    shift = torch.atan2(turned[:, 2], turned[:, 1]) - torch.atan2(lab[:, 2], lab[:, 1])
+    shift = torch.remainder(shift, 2 * torch.pi)  # (3, 4, 4): one angle per image
+    spread = torch.remainder(shift - shift[:, :1, :1] + torch.pi, 2 * torch.pi) - torch.pi
+    assert spread.abs().max() < 1e-3
+    assert (shift[:, 0, 0] - shift[0, 0, 0]).abs()[1:].min() > 1e-2  # images turn by different angles
