@@ -9,7 +9,8 @@ because the small backbone's half-width halves learn too little (README). Each
 half is trained with a classification loss over quantised values, each target
 softly spread over its nearest bins (the paper found classification better
 than regression, Table 2). The representation is the concatenation of both
-halves' features on the full Lab image.
+halves' features on the full Lab image. Ours, not the paper's: during training
+F2 sees each image's hues turned by a random angle (`--turn-hues`, README).
 
     python split_brain.py                             # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
     python split_brain.py --loss regression           # L2 losses instead, the paper's comparison
