@@ -255,27 +255,30 @@ def unshuffle_keys(k: torch.Tensor, unshuffle: torch.Tensor):
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """Batch norm whose training statistics come from `num_splits` sub-batches
-    (sub-batch j holds images j, j + s, j + 2s, ...), the single-device stand-in for
-    the paper's per-GPU batch norm (sec. 3.3, "Shuffling BN"); as in the MoCo CIFAR
-    demo. At evaluation it is plain batch norm, and its state_dict is a BatchNorm2d's."""
+    """Batch norm whose training statistics come from `num_splits` sub-batches, the
+    single-device stand-in for the paper's per-GPU batch norm (sec. 3.3, "Shuffling BN"),
+    as in the MoCo CIFAR demo. Sub-batch j is the j-th block of the batch, as device j
+    would hold it. The demo takes images j, j + s, j + 2s, ... instead, with one reshape
+    to (N / s, s * C, H, W); that reshape copies channels_last tensors (moco.py's step
+    was 12% slower for it, RESULTS.md), where blocks are views in any layout. At
+    evaluation it is plain batch norm, and its state_dict is a BatchNorm2d's."""
 
     def __init__(self, num_features, num_splits):
         super().__init__(num_features)
         self.num_splits = num_splits
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        s = self.num_splits
-        if not self.training or s == 1:
+        if not self.training or self.num_splits == 1:
             return super().forward(x)
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        # (N, C, H, W) -> (N / s, s * C, H, W): channel block j holds sub-batch j.
-        out = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
-                           True, self.momentum, self.eps).view(n, c, h, w)
-        self.running_mean.copy_(mean.view(s, c).mean(0))
-        self.running_var.copy_(var.view(s, c).mean(0))
-        return out
+        outs, means, variances = [], [], []
+        for block in x.chunk(self.num_splits):  # batch norm as on its own device: statistics of the block
+            mean, var = self.running_mean.clone(), self.running_var.clone()  # updated in place by batch_norm
+            outs.append(F.batch_norm(block, mean, var, self.weight, self.bias, True, self.momentum, self.eps))
+            means.append(mean)
+            variances.append(var)
+        self.running_mean.copy_(torch.stack(means).mean(0))  # the devices' running statistics, averaged
+        self.running_var.copy_(torch.stack(variances).mean(0))
+        return torch.cat(outs)
 
 
 def use_split_bn(module: nn.Module, num_splits: int) -> nn.Module:

@@ -1,34 +1,42 @@
-"""moco.py beside the official MoCo CIFAR-10 demo: images per second on the same images.
+"""moco.py and simclr.py beside the reference code they follow: images/s on the same images.
 
-    git clone https://github.com/facebookresearch/moco /tmp/moco    # the demo: colab/moco_cifar10_demo.ipynb
-    python benchmarks/reference_speed.py --moco-demo /tmp/moco/colab/moco_cifar10_demo.ipynb \\
-        --data-dir /tmp/cifar10-jpg --out runs/reference-speed.md
+    git clone https://github.com/facebookresearch/moco /tmp/moco              # colab/moco_cifar10_demo.ipynb
+    git clone https://github.com/p3i0t/SimCLR-CIFAR10 /tmp/simclr-cifar10     # simclr.py + models.py
+    python benchmarks/reference_speed.py --data-dir /tmp/cifar10-jpg --out runs/reference-speed.md \
+        --moco-demo /tmp/moco/colab/moco_cifar10_demo.ipynb --simclr-repo /tmp/simclr-cifar10
 
-Both train the same thing for --steps steps: a ResNet-18 with the CIFAR stem, a linear
-128-d head, batch 128, queue K = 4096, 8 batch-norm splits, momentum 0.99, temperature
-0.1, SGD at lr 0.06, crops down to 8% of the image (the demo's settings, with its batch
-of 512 lowered to 128 as the issue that asked for this comparison). --data-dir is an
-ImageFolder-style folder with train/<class>/*.jpg (CIFAR-10 as JPEGs, see
-../shared/data/README.md). Each side runs in a fresh process, one after the other, with
-the same threads and --workers, --repeats times, alternating.
+(Give one of --moco-demo / --simclr-repo to run only that pair.) --data-dir is an
+ImageFolder-style folder with train/<class>/*.jpg (CIFAR-10 as JPEGs: ../shared/data).
 
-The demo's code is read from your copy of the notebook when this runs and executed as
-it is: the cells that define its arguments, data, SplitBatchNorm, ModelBase, ModelMoCo
-and train(), and the cell with its training loop. Nothing of it is in this repository.
-Only its surroundings are replaced, each because the demo could not run here otherwise:
-torchvision's CIFAR10 (which downloads) reads the same JPEG folder; `.cuda()` is a no-op
-on a machine without a GPU; tqdm becomes a plain loop; the loader gets --workers (the
-demo has 16); the kNN monitor after each epoch is skipped (moco.py runs with
---monitor-every 0 too); training stops after --steps batches.
+Each pair trains the same network for --steps steps on the same images: a ResNet-18
+with the CIFAR stem, batch 128, crops down to 8% of the image.
+  moco.py vs the official MoCo CIFAR-10 demo (facebookresearch/moco, colab/): linear
+    128-d head, queue K = 4096, 8 batch-norm splits, momentum 0.99, temperature 0.1, SGD
+    at lr 0.06 (the demo's settings, its batch of 512 lowered to 128).
+  simclr.py vs p3i0t/SimCLR-CIFAR10 (a compact, much-used SimCLR for CIFAR-10):
+    temperature 0.5, colour strength 0.5, SGD at lr 0.15 (0.3 x 128 / 256 for both);
+    each keeps its own head and weight decay, which cost next to nothing.
+Each side runs in a fresh process, one after the other, --repeats times, alternating,
+with the same threads and --workers.
 
-Timing: the time of a step is the time from one batch being asked for to the next
-(data wait + the whole step); images/s is taken over the steps after the first WARM.
-The mean loss of the last 10 steps is printed beside it: the same loss on the same
-data should fall alike, a check that both do the same work.
+The reference code is read from your copy when this runs and executed as it is;
+nothing of it is in this repository. Only its surroundings are replaced, each because
+it could not run here otherwise: torchvision's CIFAR10 (which downloads) reads the same
+JPEG folder; on a machine without a GPU `.cuda()` is a no-op (and SimCLR-CIFAR10's
+`assert torch.cuda.is_available()` passes); tqdm is a plain loop; hydra's decorator
+passes the arguments through; the loader gets --workers; the demo's kNN monitor after
+each epoch is skipped (ours run with --monitor-every 0 too); training stops after
+--steps batches.
+
+Timing: a step's time runs from its batch being handed over to the next batch being
+handed over (its data wait included, as in our run log); images/s is taken over the
+steps after the first WARM. The mean loss of the last 10 steps is printed beside it:
+the same loss on the same data should fall alike, a check that both do the same work.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -36,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -44,12 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from registry import ROOT  # noqa: E402
 
 WARM = 5  # steps before the timed ones: allocations, caches and the loader's first batches
-SETTINGS = {"batch_size": 128, "queue_size": 4096, "bn_splits": 8, "momentum": 0.99, "temperature": 0.1,
-            "lr": 0.06, "dim": 128}
+BATCH = 128
+MOCO = {"queue_size": 4096, "bn_splits": 8, "momentum": 0.99, "temperature": 0.1, "lr": 0.06, "dim": 128}
+SIMCLR = {"temperature": 0.5, "lr": 0.15, "color_strength": 0.5}
 
 
 class StopTraining(Exception):
-    """Raised by the timed loader after --steps batches: ends the demo's training loop."""
+    """Raised by the timed loader after --steps batches: ends the reference's training loop."""
 
 
 class TimedLoader:
@@ -62,8 +72,8 @@ class TimedLoader:
         self.loader, self.steps, self.batch_size = loader, steps, loader.batch_size
         self.times: list[float] = []
 
-    def __len__(self):
-        return self.steps
+    def __len__(self):  # the whole loader's: the reference's schedule is as in a real run
+        return len(self.loader)
 
     def __iter__(self):
         batches = iter(self.loader)
@@ -118,6 +128,15 @@ def folder_cifar10(data_dir: Path):
     return FolderCIFAR10
 
 
+def without_gpu():
+    """On a machine without a GPU, `.cuda()` leaves tensors and modules where they are."""
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        torch.nn.Module.cuda = lambda self, *a, **k: self
+        return True
+    return False
+
+
 def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed: int, out: Path) -> dict:
     """The demo's own cells, with the stand-ins above; returns step times and losses."""
     cells = ["".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
@@ -129,9 +148,7 @@ def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed
                              f"({len(found)} cells contain {marker!r})")
         return found[0]
 
-    if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *a, **k: self
-        torch.nn.Module.cuda = lambda self, *a, **k: self
+    without_gpu()
     torch.manual_seed(seed)
     # The names the demo's first cell imports (that cell also runs `!nvidia-smi`, not Python).
     import argparse as _argparse
@@ -150,9 +167,8 @@ def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed
           "json": json, "math": math, "os": os, "torch": torch, "nn": nn, "F": F, "__name__": "moco_demo"}
     exec(cell("parser = argparse.ArgumentParser"), ns)
     args = ns["args"]
-    args.batch_size, args.moco_k, args.bn_splits = SETTINGS["batch_size"], SETTINGS["queue_size"], SETTINGS["bn_splits"]
-    args.moco_m, args.moco_t, args.lr, args.moco_dim = (SETTINGS["momentum"], SETTINGS["temperature"], SETTINGS["lr"],
-                                                        SETTINGS["dim"])
+    args.batch_size, args.moco_k, args.bn_splits = BATCH, MOCO["queue_size"], MOCO["bn_splits"]
+    args.moco_m, args.moco_t, args.lr, args.moco_dim = MOCO["momentum"], MOCO["temperature"], MOCO["lr"], MOCO["dim"]
     args.results_dir = str(out)
     exec(cell("class CIFAR10Pair"), ns)
     ns["train_loader"] = TimedLoader(DataLoader(ns["train_data"], batch_size=args.batch_size, shuffle=True,
@@ -170,25 +186,71 @@ def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed
     return {"step_s": [b - a for a, b in zip(times, times[1:])], "losses": losses, "batch": args.batch_size}
 
 
-def run_moco_py(data_dir: Path, steps: int, workers: int, seed: int, out: Path) -> dict:
-    """moco.py by its command line, logging every step; returns step times and losses."""
-    s = SETTINGS
-    command = [sys.executable, str(ROOT / "moco.py"), "--dataset", "folder", "--data-dir", str(data_dir),
-               "--backbone", "resnet18", "--batch-size", str(s["batch_size"]), "--queue-size", str(s["queue_size"]),
-               "--bn-splits", str(s["bn_splits"]), "--momentum", str(s["momentum"]),
-               "--temperature", str(s["temperature"]), "--lr", str(s["lr"]), "--dim", str(s["dim"]),
-               "--min-crop", "0.08", "--workers", str(workers), "--seed", str(seed), "--max-steps", str(steps),
-               "--no-eval", "--monitor-every", "0", "--log-every", "0", "--save-every", "0", "--out", str(out / "run")]
-    with open(out / "moco.log", "w") as f:
+def run_simclr_reference(repo: Path, data_dir: Path, steps: int, workers: int, seed: int, out: Path) -> dict:
+    """p3i0t/SimCLR-CIFAR10's train() from its simclr.py (with its models.py), as it is,
+    with the stand-ins above; returns step times and losses."""
+    if without_gpu():
+        torch.cuda.is_available = lambda: True  # its first line asserts a GPU; .cuda() is a no-op now
+    hydra = types.ModuleType("hydra")
+    hydra.main = lambda *a, **k: (lambda f: f)  # the config comes from this script instead
+    hydra.utils = types.SimpleNamespace(to_absolute_path=lambda path: path)
+    omegaconf = types.ModuleType("omegaconf")
+    omegaconf.DictConfig = types.SimpleNamespace
+    tqdm = types.ModuleType("tqdm")
+    tqdm.tqdm = _Bar
+    sys.modules.update({"hydra": hydra, "omegaconf": omegaconf, "tqdm": tqdm})
+    import torchvision.datasets
+    torchvision.datasets.CIFAR10 = folder_cifar10(data_dir)
+    sys.path.insert(0, str(repo))  # its `from models import SimCLR`
+    spec = importlib.util.spec_from_file_location("reference_simclr", repo / "simclr.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    loaders = []
+
+    def timed_loader(*a, **k):
+        loaders.append(TimedLoader(torch.utils.data.DataLoader(*a, **k), steps))
+        return loaders[-1]
+
+    losses = []
+
+    def nt_xent(*a, **k):
+        loss = loss_fn(*a, **k)
+        losses.append(loss.item())
+        return loss
+
+    loss_fn, reference.nt_xent, reference.DataLoader = reference.nt_xent, nt_xent, timed_loader
+    # Its simclr_config.yml, with this comparison's batch, lr, temperature and --workers.
+    args = types.SimpleNamespace(dataset="cifar10", data_dir=str(data_dir), backbone="resnet18", projection_dim=128,
+                                 seed=42, batch_size=BATCH, workers=workers, epochs=1000, log_interval=50,
+                                 optimizer="sgd", learning_rate=SIMCLR["lr"], momentum=0.9, weight_decay=1e-6,
+                                 temperature=SIMCLR["temperature"])
+    torch.manual_seed(seed)
+    os.chdir(out)  # where it would save a checkpoint (not reached in --steps steps)
+    try:
+        reference.train(args)
+    except StopTraining:
+        pass
+    times = loaders[0].times
+    return {"step_s": [b - a for a, b in zip(times, times[1:])], "losses": losses, "batch": BATCH}
+
+
+def run_ours(method: str, argv: list[str], steps: int, workers: int, seed: int, out: Path) -> dict:
+    """moco.py or simclr.py by its command line, logging every step; step times and losses."""
+    command = [sys.executable, str(ROOT / f"{method}.py"), "--dataset", "folder", "--backbone", "resnet18",
+               "--batch-size", str(BATCH), "--min-crop", "0.08", *argv, "--workers", str(workers), "--seed", str(seed),
+               "--max-steps", str(steps), "--no-eval", "--monitor-every", "0", "--log-every", "0", "--save-every", "0",
+               "--out", str(out / "run")]
+    with open(out / "ours.log", "w") as f:
         if subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
-            raise SystemExit(f"reference_speed: moco.py failed, see {out / 'moco.log'}")
+            lines = (out / "ours.log").read_text().strip().splitlines()
+            raise SystemExit(f"reference_speed: {method}.py failed: {lines[-1] if lines else ''}")
     records = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]  # training steps (the kNN monitor writes other records)
     # elapsed_s is noted at run.log, after the step (and its data wait): step i's time is
     # the gap between records i - 1 and i (the first step's start is not logged).
     ends = [r["elapsed_s"] for r in records]
     return {"step_s": [None] + [b - a for a, b in zip(ends, ends[1:])], "losses": [r["loss"] for r in records],
-            "batch": s["batch_size"]}
+            "batch": BATCH}
 
 
 def summary(result: dict) -> dict:
@@ -199,68 +261,91 @@ def summary(result: dict) -> dict:
             "loss_last10": statistics.mean(result["losses"][-10:])}
 
 
+PAIRS = {  # ours: method and options; the reference: the option that points to it, its runner, its name
+    "moco": ("moco", [f"--{k.replace('_', '-')}={v}" for k, v in MOCO.items()], "moco_demo", run_moco_demo,
+             "MoCo CIFAR-10 demo"),
+    "simclr": ("simclr", [f"--{k.replace('_', '-')}={v}" for k, v in SIMCLR.items()], "simclr_repo",
+               run_simclr_reference, "SimCLR-CIFAR10"),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--moco-demo", required=True, help="your copy of colab/moco_cifar10_demo.ipynb")
+    p.add_argument("--moco-demo", help="your copy of facebookresearch/moco's colab/moco_cifar10_demo.ipynb")
+    p.add_argument("--simclr-repo", help="your clone of p3i0t/SimCLR-CIFAR10 (simclr.py, models.py)")
     p.add_argument("--data-dir", required=True, help="image folder with train/<class>/*.jpg (CIFAR-10 as JPEGs)")
     p.add_argument("--steps", type=int, default=45)
     p.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     p.add_argument("--workers", type=int, default=2, help="data loader processes, both sides")
     p.add_argument("--out", default="runs/reference-speed.md")
-    p.add_argument("--side", choices=("demo",), help=argparse.SUPPRESS)  # internal: one side in this process
+    p.add_argument("--reference", choices=tuple(PAIRS), help=argparse.SUPPRESS)  # internal: run one reference here
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    notebook, data_dir = Path(a.moco_demo), Path(a.data_dir)
-    for path, what in ((notebook, "--moco-demo"), (data_dir / "train", "--data-dir .../train")):
+    data_dir = Path(a.data_dir).resolve()
+    pairs = [name for name, pair in PAIRS.items() if getattr(a, pair[2])]
+    if not pairs:
+        raise SystemExit("reference_speed: give --moco-demo, --simclr-repo or both (see --help)")
+    for path, what in [(Path(getattr(a, PAIRS[n][2])), "--" + PAIRS[n][2].replace("_", "-")) for n in pairs] + \
+            [(data_dir / "train", "--data-dir .../train")]:
         if not path.exists():
             raise SystemExit(f"reference_speed: {what} not found: {path}")
     if a.steps <= WARM + 10:
         raise SystemExit(f"reference_speed: --steps must be above {WARM + 10} (warm-up steps + the loss window)")
-    if a.side == "demo":
-        result = run_moco_demo(notebook, data_dir, a.steps, a.workers, a.seed, Path(a.result).parent)
+    if a.reference:
+        result = PAIRS[a.reference][3](Path(getattr(a, PAIRS[a.reference][2])).resolve(), data_dir, a.steps,
+                                       a.workers, a.seed, Path(a.result).parent)
         Path(a.result).write_text(json.dumps(result))
         return
 
     rows = []
-    for repeat in range(a.repeats):
-        for side in ("moco.py", "demo"):
-            with tempfile.TemporaryDirectory() as tmp:
-                tmp = Path(tmp)
-                if side == "demo":
-                    command = [sys.executable, __file__, "--side", "demo", "--moco-demo", str(notebook),
-                               "--data-dir", str(data_dir), "--steps", str(a.steps), "--workers", str(a.workers),
-                               "--seed", str(repeat), "--result", str(tmp / "result.json")]
-                    with open(tmp / "demo.log", "w") as log:  # the demo prints its arguments and model
-                        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
-                            lines = (tmp / "demo.log").read_text().strip().splitlines()
-                            raise SystemExit(f"reference_speed: the demo failed: {lines[-1] if lines else ''}")
-                    result = json.loads((tmp / "result.json").read_text())
-                else:
-                    result = run_moco_py(data_dir, a.steps, a.workers, repeat, tmp)
-            rows.append({"side": side, "repeat": repeat, **summary(result)})
-            print(f"{side:8s} repeat {repeat}: {rows[-1]['images_per_s']:.1f} images/s, "
-                  f"{rows[-1]['ms_per_step']:.0f} ms/step, loss (last 10 steps) {rows[-1]['loss_last10']:.3f}",
-                  flush=True)
+    for name in pairs:
+        method, options, option, _, reference = PAIRS[name]
+        for repeat in range(a.repeats):
+            for side in (f"{method}.py", reference):
+                with tempfile.TemporaryDirectory() as tmp:
+                    tmp = Path(tmp)
+                    if side == reference:
+                        result = run_reference(name, Path(getattr(a, option)).resolve(), data_dir, a, repeat, tmp)
+                    else:
+                        result = run_ours(method, ["--data-dir", str(data_dir), *options], a.steps, a.workers,
+                                          repeat, tmp)
+                rows.append({"pair": name, "side": side, "repeat": repeat, **summary(result)})
+                print(f"{side:20s} repeat {repeat}: {rows[-1]['images_per_s']:.1f} images/s, "
+                      f"{rows[-1]['ms_per_step']:.0f} ms/step, loss (last 10 steps) {rows[-1]['loss_last10']:.3f}",
+                      flush=True)
     write_table(rows, a, Path(a.out))
+
+
+def run_reference(name: str, path: Path, data_dir: Path, a, repeat: int, tmp: Path) -> dict:
+    """One reference run in a fresh process (its stand-ins stay there); its output in a log."""
+    option = "--" + PAIRS[name][2].replace("_", "-")
+    command = [sys.executable, __file__, "--reference", name, option, str(path), "--data-dir", str(data_dir),
+               "--steps", str(a.steps), "--workers", str(a.workers), "--seed", str(repeat),
+               "--result", str(tmp / "result.json")]
+    with open(tmp / "reference.log", "w") as log:  # the demo prints its arguments and model
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+            lines = (tmp / "reference.log").read_text().strip().splitlines()
+            raise SystemExit(f"reference_speed: {PAIRS[name][4]} failed: {lines[-1] if lines else 'no output'}")
+    return json.loads((tmp / "result.json").read_text())
 
 
 def write_table(rows: list[dict], a, out: Path):
     def median(side, key):
         return statistics.median(r[key] for r in rows if r["side"] == side)
 
-    ratio = median("moco.py", "images_per_s") / median("demo", "images_per_s")
-    lines = [f"MoCo on {a.data_dir}, ResNet-18 (CIFAR stem), batch {SETTINGS['batch_size']}, "
-             f"K {SETTINGS['queue_size']}, {SETTINGS['bn_splits']} BN splits, {a.steps} steps "
-             f"(the first {WARM} not timed), --workers {a.workers}, device "
-             f"{'cuda' if torch.cuda.is_available() else 'cpu'}, {torch.get_num_threads()} threads; "
-             f"{a.repeats} runs a side, alternating.", "",
-             "| code | images/s (median) | ms/step | loss, last 10 steps | runs (images/s) |", "|---|---|---|---|---|"]
-    for side in ("moco.py", "demo"):
-        runs = ", ".join(f"{r['images_per_s']:.1f}" for r in rows if r["side"] == side)
-        lines.append(f"| {side} | {median(side, 'images_per_s'):.1f} | {median(side, 'ms_per_step'):.0f} | "
-                     f"{median(side, 'loss_last10'):.3f} | {runs} |")
-    lines += ["", f"moco.py / demo, images/s: {ratio:.2f}x"]
+    lines = [f"On {a.data_dir}: ResNet-18 (CIFAR stem), batch {BATCH}, {a.steps} steps (the first {WARM} not "
+             f"timed), --workers {a.workers}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+             f"{torch.get_num_threads()} threads; {a.repeats} runs a side, alternating.", "",
+             "| code | images/s (median) | ms/step | loss, last 10 steps | runs (images/s) | ours / reference |",
+             "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["pair"] for r in rows):
+        method, reference = PAIRS[name][0] + ".py", PAIRS[name][4]
+        ratio = median(method, "images_per_s") / median(reference, "images_per_s")
+        for side in (method, reference):
+            runs = ", ".join(f"{r['images_per_s']:.1f}" for r in rows if r["side"] == side)
+            lines.append(f"| {side} | {median(side, 'images_per_s'):.1f} | {median(side, 'ms_per_step'):.0f} | "
+                         f"{median(side, 'loss_last10'):.3f} | {runs} | {f'{ratio:.2f}x' if side == method else ''} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

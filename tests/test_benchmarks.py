@@ -164,3 +164,50 @@ def test_profile_rows_are_this_methods_steps_largest_first():
     # Only training steps: the backbone's convolutions lead; data generation (bicubic noise) is setup, left out.
     assert any("convolution" in n for n in names[:3])
     assert not any("upsample_bicubic" in n for n in names)
+
+
+def test_reference_speed_times_each_step_and_stops_the_reference_loop():
+    """The loader handed to the reference code: --steps batches (a second pass over a
+    small data set), a time as each batch is handed over and one when the loop asks
+    for more, then StopTraining, which ends the reference's own loop."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reference_speed as rs
+    loader = torch.utils.data.DataLoader(torch.arange(4), batch_size=2)
+    timed = rs.TimedLoader(loader, steps=3)
+    assert len(timed) == 2 and timed.batch_size == 2  # the whole loader's length, for the reference's schedule
+    seen = []
+    with pytest.raises(rs.StopTraining):
+        for batch in timed:
+            seen.append(batch.tolist())
+    assert seen == [[0, 1], [2, 3], [0, 1]]
+    assert len(timed.times) == 4 and timed.times == sorted(timed.times)
+    # images/s over the steps after WARM: 10 timed steps of 0.5 s at batch 128 -> 256 images/s.
+    result = {"step_s": [9.0] * rs.WARM + [0.5] * 10, "losses": [5.0] * 5 + [3.0] * 10, "batch": 128}
+    assert rs.summary(result) == {"images_per_s": 256.0, "ms_per_step": 500.0, "loss_last10": 3.0}
+
+
+def test_reference_speed_reads_an_image_folder_as_cifar10(tiny_folder):
+    """The stand-in for torchvision's CIFAR10: .data (N, H, W, 3) uint8 in class-folder
+    order, .targets, .classes; the training split decoded once however often it is built."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reference_speed as rs
+    CIFAR10 = rs.folder_cifar10(tiny_folder)
+    train, again = CIFAR10(root="data", train=True, download=True), CIFAR10(root="data", train=True)
+    classes = sorted(p.name for p in (tiny_folder / "train").iterdir())
+    assert train.classes == classes and len(train) == 160 and train.data.shape == (160, 32, 32, 3)
+    assert train.data is again.data
+    first = sorted((tiny_folder / "train" / classes[0]).iterdir())
+    assert train.targets[:len(first)] == [0] * len(first) and train.targets[len(first)] == 1
+    from PIL import Image
+    import numpy as np
+    assert np.array_equal(train.data[0], np.asarray(Image.open(first[0]).convert("RGB")))
+
+
+def test_reference_speed_needs_a_reference_and_the_data(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reference_speed as rs
+    with pytest.raises(SystemExit, match="give --moco-demo, --simclr-repo or both"):
+        rs.main(["--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--moco-demo not found"):
+        rs.main(["--data-dir", str(tmp_path), "--moco-demo", str(tmp_path / "missing.ipynb")])

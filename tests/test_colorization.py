@@ -51,6 +51,31 @@ def test_soft_encoding_sums_to_one_and_peaks_at_the_nearest_bin(bins):
                 assert ratio.item() == pytest.approx(math.exp(-(d[q1] - d[q2]).item() / 50), rel=1e-4)
 
 
+def test_the_window_search_finds_the_same_bins_as_the_full_search(bins):
+    """nearest_bins (the k nearest searched near the pixel's own cell) against the search
+    over all bins: the same k distances everywhere, the same bins wherever the k-th and
+    (k + 1)-th distances differ (on an exact tie either bin is a k-th nearest), for every
+    colour of a dense sample of the sRGB cube, for averages of colours (the targets are
+    pooled to the output size), and for ab values far outside the gamut (full search)."""
+    torch.manual_seed(0)
+    table = col.bin_table(bins)
+    steps = torch.linspace(0, 1, 40)
+    rgb = torch.stack(torch.meshgrid(steps, steps, steps, indexing="ij")).reshape(3, -1).T
+    ab_gamut = common.rgb_to_lab(rgb.reshape(-1, 3, 1, 1))[:, 1:].reshape(-1, 2)
+    ab_mixed = (ab_gamut + ab_gamut[torch.randperm(len(ab_gamut))]) / 2
+    ab_outside = (torch.rand(500, 2) - 0.5) * 600
+    for flat in (ab_gamut, ab_mixed, ab_outside):
+        d2 = torch.cdist(flat, bins) ** 2
+        near_d2, near = col.nearest_bins(d2, flat, table, 5)
+        full_d2, full = d2.topk(6, dim=1, largest=False)
+        assert torch.equal(near_d2, full_d2[:, :5])
+        untied = full_d2[:, 4] < full_d2[:, 5]
+        assert untied.float().mean() > 0.99
+        assert torch.equal(near[untied].sort(1).values, full[untied, :5].sort(1).values)
+        ab = flat[untied].T.reshape(1, 2, 1, -1)
+        assert torch.equal(col.soft_encode(ab, bins, table=table), col.soft_encode(ab, bins))
+
+
 def test_rebalancing_weights_have_prior_mean_one_and_favour_rare_bins():
     prior = torch.tensor([0.7, 0.2, 0.09, 0.01])
     w = col.rebalance_weights(prior, lam=0.5)

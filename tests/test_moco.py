@@ -81,11 +81,22 @@ def test_split_bn_equals_batch_norm_per_sub_batch():
     assert isinstance(split, moco.SplitBatchNorm)
     x = torch.randn(16, 3, 5, 5) * 2 + 1
     out = split(x)
-    for j in range(4):  # sub-batch j: images j, j + 4, j + 8, j + 12
-        reference = F.batch_norm(x[j::4], None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
-        assert torch.allclose(out[j::4], reference, atol=1e-5)
-    expected_mean = 0.9 * 0 + 0.1 * torch.stack([x[j::4].mean((0, 2, 3)) for j in range(4)]).mean(0)
+    for j in range(4):  # sub-batch j: images 4j to 4j + 3, as device j would hold them
+        block = x[4 * j:4 * j + 4]
+        mean, var = block.mean((0, 2, 3)), block.var((0, 2, 3), unbiased=False)
+        reference = (block - mean.view(1, 3, 1, 1)) / (var.view(1, 3, 1, 1) + bn.eps).sqrt() \
+            * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1)
+        assert torch.allclose(out[4 * j:4 * j + 4], reference, atol=1e-5)
+    blocks = x.view(4, 4, 3, 5, 5)
+    expected_mean = 0.9 * 0 + 0.1 * blocks.mean((1, 3, 4)).mean(0)
+    expected_var = 0.9 * 1 + 0.1 * blocks.var((1, 3, 4), unbiased=True).mean(0)  # running var: unbiased
     assert torch.allclose(split.running_mean, expected_mean, atol=1e-6)
+    assert torch.allclose(split.running_var, expected_var, atol=1e-6)
+    # channels_last in, channels_last out (blocks are views: no layout copies), same values.
+    fresh = moco.use_split_bn(nn.Sequential(nn.BatchNorm2d(3)), 4)[0]
+    fresh.load_state_dict(bn.state_dict())
+    out_cl = fresh(x.contiguous(memory_format=torch.channels_last))
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(out_cl, out, atol=1e-5)
     split.eval()
     assert torch.allclose(split(x), F.batch_norm(x, split.running_mean, split.running_var, bn.weight, bn.bias,
                                                  training=False, eps=bn.eps))
