@@ -58,20 +58,52 @@ def l_centres(l_bins: int) -> torch.Tensor:
     return ((torch.arange(l_bins) + 0.5) * 100 / l_bins).view(-1, 1)
 
 
-def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0) -> torch.Tensor:
+def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0,
+                table=None) -> torch.Tensor:
     """values (N, D, h, w) -> targets (N, Q, h, w): each pixel spread over its k nearest
     bin centres (Q, D) with Gaussian weights exp(-d^2 / 2 sigma^2), summing to 1. This is
     H(X) of the paper's classification loss (sec. 3.1, eq. 4), the soft encoding of the
     colorization paper (Zhang et al. 2016, sec. 2.1): for ab k = 5, sigma = 5 (half a bin),
     and for L the same, half an L bin. Neither paper's split-brain section rebalances
-    the classes, so neither half does here."""
+    the classes, so neither half does here. `table` (bin_table(ab bins)): the ab search
+    near each pixel's own grid cell, same answer, faster; without it, among all Q."""
     n, d, h, w = values.shape
     flat = values.permute(0, 2, 3, 1).reshape(-1, d)
     d2 = torch.cdist(flat, centres.to(values)) ** 2  # P x Q
-    near_d2, near = d2.topk(min(k, len(centres)), dim=1, largest=False)
+    k = min(k, len(centres))
+    near_d2, near = d2.topk(k, dim=1, largest=False) if table is None else nearest_bins(d2, flat, table, k)
     weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)
     target = torch.zeros_like(d2).scatter_(1, near, weights)
     return target.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def bin_table(bins: torch.Tensor, grid: float = GRID, reach: int = 2) -> dict:
+    """The grid behind the ab bins, for nearest_bins: cell (i, j) -> index of its bin (Q
+    where the cell has none), over the bins' box widened by `reach` cells (as colorization.py)."""
+    cells = torch.round(bins / grid).long()
+    low = cells.min(0).values - reach
+    size = cells.max(0).values - low + reach + 1
+    index = torch.full(size.tolist(), len(bins), dtype=torch.long, device=bins.device)
+    index[tuple((cells - low).T)] = torch.arange(len(bins), device=bins.device)
+    return {"index": index, "low": low, "size": size, "grid": grid, "reach": reach}
+
+
+def nearest_bins(d2: torch.Tensor, flat: torch.Tensor, table: dict, k: int):
+    """d2.topk(k, largest=False) for ab values, found among the bins of the (2r + 1) x
+    (2r + 1) cells around each pixel's own cell (r = reach) rather than among all Q bins
+    (as colorization.py, which says why it is exact); the rest get the full search."""
+    r, grid = table["reach"], table["grid"]
+    own = torch.round(flat / grid).long() - table["low"]  # the pixel's cell, in table coordinates
+    inside = ((own >= r) & (own < table["size"] - r)).all(1)
+    own = torch.where(inside[:, None], own, r)  # (pixels outside the box: any cell; searched in full below)
+    steps = torch.arange(-r, r + 1, device=d2.device)
+    window = table["index"][own[:, :1, None] + steps[:, None], own[:, 1:, None] + steps].flatten(1)  # P x (2r+1)^2
+    near_d2, j = F.pad(d2, (0, 1), value=float("inf")).gather(1, window).topk(k, dim=1, largest=False)
+    near = window.gather(1, j)
+    full = ~inside | (near_d2[:, -1] > ((r + 0.5) * grid) ** 2)
+    if full.any():
+        near_d2[full], near[full] = d2[full].topk(k, dim=1, largest=False)
+    return near_d2, near
 
 
 def turn_hues(lab: torch.Tensor) -> torch.Tensor:
@@ -169,6 +201,7 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     bins = ab_bins().to(run.device)
+    table = bin_table(bins)  # for the ab soft encoding's nearest-bin search
     classify = args.loss == "classification"
     L_bins = l_centres(args.l_bins).to(run.device)
     half_width = args.halves == "half"
@@ -198,7 +231,7 @@ def train(args: Args):
         out1, out2 = out1.float(), out2.float()
         target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
         if classify:
-            loss1 = soft_cross_entropy(out1, soft_encode(target[:, 1:], bins, sigma=GRID / 2))  # L -> ab
+            loss1 = soft_cross_entropy(out1, soft_encode(target[:, 1:], bins, sigma=GRID / 2, table=table))  # L -> ab
             loss2 = soft_cross_entropy(out2, soft_encode(target[:, :1], L_bins, sigma=50 / args.l_bins))  # ab -> L
         else:
             loss1 = F.mse_loss(out1, target[:, 1:] / 100)

@@ -36,6 +36,7 @@ the same loss on the same data should fall alike, a check that both do the same 
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -186,19 +187,25 @@ def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed
     return {"step_s": [b - a for a, b in zip(times, times[1:])], "losses": losses, "batch": args.batch_size}
 
 
+def stand_in(name: str) -> types.ModuleType:
+    """An empty module in the place of `name` for the reference's imports (with a spec,
+    as importlib.util.find_spec, which torch uses, expects one)."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    sys.modules[name] = module
+    return module
+
+
 def run_simclr_reference(repo: Path, data_dir: Path, steps: int, workers: int, seed: int, out: Path) -> dict:
     """p3i0t/SimCLR-CIFAR10's train() from its simclr.py (with its models.py), as it is,
     with the stand-ins above; returns step times and losses."""
     if without_gpu():
         torch.cuda.is_available = lambda: True  # its first line asserts a GPU; .cuda() is a no-op now
-    hydra = types.ModuleType("hydra")
+    hydra, omegaconf, tqdm = (stand_in(name) for name in ("hydra", "omegaconf", "tqdm"))
     hydra.main = lambda *a, **k: (lambda f: f)  # the config comes from this script instead
     hydra.utils = types.SimpleNamespace(to_absolute_path=lambda path: path)
-    omegaconf = types.ModuleType("omegaconf")
     omegaconf.DictConfig = types.SimpleNamespace
-    tqdm = types.ModuleType("tqdm")
     tqdm.tqdm = _Bar
-    sys.modules.update({"hydra": hydra, "omegaconf": omegaconf, "tqdm": tqdm})
     import torchvision.datasets
     torchvision.datasets.CIFAR10 = folder_cifar10(data_dir)
     sys.path.insert(0, str(repo))  # its `from models import SimCLR`
