@@ -58,7 +58,8 @@ def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int = 5, sigma: float =
     """ab (N, 2, H, W) -> targets (N, Q, H, W): each pixel spread over its k nearest bins
     with Gaussian weights exp(-d^2 / 2 sigma^2), summing to 1 (paper sec. 2.1). With
     `table` (bin_table(bins)) the k nearest are searched near each pixel's own grid cell
-    (same answer, a quarter of the time: nearest_bins); without it, among all Q bins."""
+    (the same bins, either one on an exact tie, in a quarter of the time: nearest_bins);
+    without it, among all Q bins."""
     n, _, h, w = ab.shape
     flat = ab.permute(0, 2, 3, 1).reshape(-1, 2)
     d2 = torch.cdist(flat, bins.to(ab)) ** 2  # P x Q

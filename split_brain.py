@@ -66,7 +66,7 @@ def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: 
     colorization paper (Zhang et al. 2016, sec. 2.1): for ab k = 5, sigma = 5 (half a bin),
     and for L the same, half an L bin. Neither paper's split-brain section rebalances
     the classes, so neither half does here. `table` (bin_table(ab bins)): the ab search
-    near each pixel's own grid cell, same answer, faster; without it, among all Q."""
+    near each pixel's own grid cell, the same bins, faster; without it, among all Q."""
     n, d, h, w = values.shape
     flat = values.permute(0, 2, 3, 1).reshape(-1, d)
     d2 = torch.cdist(flat, centres.to(values)) ** 2  # P x Q
