@@ -77,7 +77,8 @@ def bin_table(bins: torch.Tensor, grid: float = GRID, reach: int = 2) -> dict:
     size = cells.max(0).values - low + reach + 1
     index = torch.full(size.tolist(), len(bins), dtype=torch.long, device=bins.device)
     index[tuple((cells - low).T)] = torch.arange(len(bins), device=bins.device)
-    return {"index": index, "low": low, "size": size, "grid": grid, "reach": reach}
+    steps = torch.arange(-reach, reach + 1, device=bins.device)  # a cell's offsets to its window
+    return {"index": index, "low": low, "size": size, "grid": grid, "reach": reach, "steps": steps}
 
 
 def nearest_bins(d2: torch.Tensor, flat: torch.Tensor, table: dict, k: int):
@@ -91,7 +92,7 @@ def nearest_bins(d2: torch.Tensor, flat: torch.Tensor, table: dict, k: int):
     own = torch.round(flat / grid).long() - table["low"]  # the pixel's cell, in table coordinates
     inside = ((own >= r) & (own < table["size"] - r)).all(1)
     own = torch.where(inside[:, None], own, r)  # (pixels outside the box: any cell; searched in full below)
-    steps = torch.arange(-r, r + 1, device=d2.device)
+    steps = table["steps"]
     window = table["index"][own[:, :1, None] + steps[:, None], own[:, 1:, None] + steps].flatten(1)  # P x (2r+1)^2
     near_d2, j = F.pad(d2, (0, 1), value=float("inf")).gather(1, window).topk(k, dim=1, largest=False)
     near = window.gather(1, j)

@@ -268,11 +268,11 @@ def summary(result: dict) -> dict:
             "loss_last10": statistics.mean(result["losses"][-10:])}
 
 
-PAIRS = {  # ours: method and options; the reference: the option that points to it, its runner, its name
-    "moco": ("moco", [f"--{k.replace('_', '-')}={v}" for k, v in MOCO.items()], "moco_demo", run_moco_demo,
-             "MoCo CIFAR-10 demo"),
-    "simclr": ("simclr", [f"--{k.replace('_', '-')}={v}" for k, v in SIMCLR.items()], "simclr_repo",
-               run_simclr_reference, "SimCLR-CIFAR10"),
+PAIRS = {  # ours: its script and options; the reference: the option naming your copy, its runner, its name
+    "moco": {"ours": "moco", "options": [f"--{k.replace('_', '-')}={v}" for k, v in MOCO.items()],
+             "option": "moco_demo", "run": run_moco_demo, "name": "MoCo CIFAR-10 demo"},
+    "simclr": {"ours": "simclr", "options": [f"--{k.replace('_', '-')}={v}" for k, v in SIMCLR.items()],
+               "option": "simclr_repo", "run": run_simclr_reference, "name": "SimCLR-CIFAR10"},
 }
 
 
@@ -290,33 +290,37 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     data_dir = Path(a.data_dir).resolve()
-    pairs = [name for name, pair in PAIRS.items() if getattr(a, pair[2])]
+    pairs = [name for name, pair in PAIRS.items() if getattr(a, pair["option"])]
     if not pairs:
         raise SystemExit("reference_speed: give --moco-demo, --simclr-repo or both (see --help)")
-    for path, what in [(Path(getattr(a, PAIRS[n][2])), "--" + PAIRS[n][2].replace("_", "-")) for n in pairs] + \
+    for path, what in [(Path(getattr(a, PAIRS[n]["option"])), "--" + PAIRS[n]["option"].replace("_", "-"))
+                       for n in pairs] + \
             [(data_dir / "train", "--data-dir .../train")]:
         if not path.exists():
             raise SystemExit(f"reference_speed: {what} not found: {path}")
     if a.steps <= WARM + 10:
         raise SystemExit(f"reference_speed: --steps must be above {WARM + 10} (warm-up steps + the loss window)")
     if a.reference:
-        result = PAIRS[a.reference][3](Path(getattr(a, PAIRS[a.reference][2])).resolve(), data_dir, a.steps,
-                                       a.workers, a.seed, Path(a.result).parent)
+        pair = PAIRS[a.reference]
+        result = pair["run"](Path(getattr(a, pair["option"])).resolve(), data_dir, a.steps, a.workers, a.seed,
+                             Path(a.result).parent)
         Path(a.result).write_text(json.dumps(result))
         return
 
     rows = []
     for name in pairs:
-        method, options, option, _, reference = PAIRS[name]
+        pair = PAIRS[name]
+        method, reference = pair["ours"], pair["name"]
         for repeat in range(a.repeats):
             for side in (f"{method}.py", reference):
                 with tempfile.TemporaryDirectory() as tmp:
                     tmp = Path(tmp)
                     if side == reference:
-                        result = run_reference(name, Path(getattr(a, option)).resolve(), data_dir, a, repeat, tmp)
+                        result = run_reference(name, Path(getattr(a, pair["option"])).resolve(), data_dir, a,
+                                               repeat, tmp)
                     else:
-                        result = run_ours(method, ["--data-dir", str(data_dir), *options], a.steps, a.workers,
-                                          repeat, tmp)
+                        result = run_ours(method, ["--data-dir", str(data_dir), *pair["options"]], a.steps,
+                                          a.workers, repeat, tmp)
                 rows.append({"pair": name, "side": side, "repeat": repeat, **summary(result)})
                 print(f"{side:20s} repeat {repeat}: {rows[-1]['images_per_s']:.1f} images/s, "
                       f"{rows[-1]['ms_per_step']:.0f} ms/step, loss (last 10 steps) {rows[-1]['loss_last10']:.3f}",
@@ -326,14 +330,14 @@ def main(argv=None):
 
 def run_reference(name: str, path: Path, data_dir: Path, a, repeat: int, tmp: Path) -> dict:
     """One reference run in a fresh process (its stand-ins stay there); its output in a log."""
-    option = "--" + PAIRS[name][2].replace("_", "-")
+    option = "--" + PAIRS[name]["option"].replace("_", "-")
     command = [sys.executable, __file__, "--reference", name, option, str(path), "--data-dir", str(data_dir),
                "--steps", str(a.steps), "--workers", str(a.workers), "--seed", str(repeat),
                "--result", str(tmp / "result.json")]
     with open(tmp / "reference.log", "w") as log:  # the demo prints its arguments and model
         if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
             lines = (tmp / "reference.log").read_text().strip().splitlines()
-            raise SystemExit(f"reference_speed: {PAIRS[name][4]} failed: {lines[-1] if lines else 'no output'}")
+            raise SystemExit(f"reference_speed: {PAIRS[name]['name']} failed: {lines[-1] if lines else 'no output'}")
     return json.loads((tmp / "result.json").read_text())
 
 
@@ -347,7 +351,7 @@ def write_table(rows: list[dict], a, out: Path):
              "| code | images/s (median) | ms/step | loss, last 10 steps | runs (images/s) | ours / reference |",
              "|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["pair"] for r in rows):
-        method, reference = PAIRS[name][0] + ".py", PAIRS[name][4]
+        method, reference = PAIRS[name]["ours"] + ".py", PAIRS[name]["name"]
         ratio = median(method, "images_per_s") / median(reference, "images_per_s")
         for side in (method, reference):
             runs = ", ".join(f"{r['images_per_s']:.1f}" for r in rows if r["side"] == side)
