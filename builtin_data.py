@@ -5,6 +5,8 @@ No download, the same pixels on every machine. common.py loads this file only fo
 their own data can leave it out.
 
     python builtin_data.py preview --out docs     # save sample grids of the images and videos
+    python builtin_data.py shortcut               # how far colour gives lightness away, pixel by pixel
+    python builtin_data.py shortcut --folder /tmp/cifar10-jpg/train   # the same for photos
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import _hsv_to_rgb, fail
+from common import _hsv_to_rgb, cli, fail, lab_to_rgb, rgb_to_lab
 
 
 # ---------------------------------------------------------------------------
@@ -38,6 +40,11 @@ _PALETTES = {
     "flag": ([(0.50, 0.50, 0.55)], [(0.80, 0.10, 0.10), (0.10, 0.25, 0.75), (0.95, 0.80, 0.10)]),
     "pyramid": ([(0.85, 0.72, 0.45), (0.75, 0.60, 0.35)], [(0.30, 0.20, 0.10)]),
 }
+# Each part's lightness (L, 0-100), drawn apart from its colour: a red car body and a red
+# mushroom cap share ab but not L, so the colour of a part does not give its lightness
+# away (nor its lightness the colour); what does is which part it is.
+_TONES = {"house": (78, 42), "tree": (35, 58), "mushroom": (82, 48), "snowman": (88, 70), "car": (55, 22),
+          "rocket": (80, 45), "cup": (68, 50), "letter_t": (50, 66), "flag": (60, 44), "pyramid": (72, 30)}
 _SKIES = [((0.25, 0.45, 0.85), (0.65, 0.80, 0.95)), ((0.35, 0.30, 0.60), (0.95, 0.60, 0.40)),
           ((0.55, 0.60, 0.65), (0.80, 0.82, 0.85))]  # (zenith, horizon): day, dusk, overcast
 _GROUNDS = [(0.25, 0.50, 0.15), (0.45, 0.32, 0.18), (0.80, 0.70, 0.45), (0.35, 0.38, 0.20)]  # grass, soil, sand, moss
@@ -100,7 +107,21 @@ def _pick_colours(options, n, gen, jitter=0.06):
     return (base + jitter * torch.randn(n, 3, generator=gen)).clamp(0, 1)
 
 
+def _ab(rgb: torch.Tensor) -> torch.Tensor:
+    """The ab of sRGB colours (n, 3) -> (n, 2, 1, 1): their hue and chroma, without their lightness."""
+    return rgb_to_lab(rgb.clamp(0, 1).view(-1, 3, 1, 1))[:, 1:]
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    return (low + (high - low) * torch.rand(n, generator=gen)).view(n, 1, 1, 1)
+
+
 def _render_shapes(labels: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Images (n, 3, size, size) in [0, 1], composed in CIE Lab: every region takes its
+    colour (ab) and its lightness (L) from separate draws, so that neither predicts the
+    other pixel by pixel (as in photos: the same paint is light in the sun and dark in the
+    shade). Lightness follows the layout instead: each part of an object has its own
+    tone, the sky brightens towards the horizon and the ground darkens towards the viewer."""
     n = len(labels)
     coords = (torch.arange(size) + 0.5) / size
     y, x = coords.view(1, size, 1), coords.view(1, 1, size)
@@ -108,27 +129,31 @@ def _render_shapes(labels: torch.Tensor, size: int, gen: torch.Generator) -> tor
     # Sky: zenith-to-horizon gradient with soft clouds. Ground: a palette colour with
     # texture, darker towards the viewer. The horizon is slightly wavy.
     sky_id = torch.randint(len(_SKIES), (n,), generator=gen)
-    zenith = torch.tensor([s[0] for s in _SKIES])[sky_id] + 0.05 * torch.randn(n, 3, generator=gen)
-    horizon_c = torch.tensor([s[1] for s in _SKIES])[sky_id] + 0.05 * torch.randn(n, 3, generator=gen)
+    zenith = _ab(torch.tensor([s[0] for s in _SKIES])[sky_id] + 0.05 * torch.randn(n, 3, generator=gen))
+    horizon_ab = _ab(torch.tensor([s[1] for s in _SKIES])[sky_id] + 0.05 * torch.randn(n, 3, generator=gen))
+    zenith_L = _uniform(n, 35, 75, gen)
+    horizon_L = (zenith_L + _uniform(n, 0, 25, gen)).clamp(max=95)
     horizon = 0.55 + 0.2 * torch.rand(n, 1, 1, generator=gen)
     wave = 0.03 * torch.sin(2 * math.pi * (x * torch.rand(n, 1, 1, generator=gen) * 2
                                            + torch.rand(n, 1, 1, generator=gen)))
     t = (y / horizon).clamp(0, 1).unsqueeze(1)  # 0 at the top, 1 at the horizon
-    sky = zenith.view(n, 3, 1, 1) * (1 - t) + horizon_c.view(n, 3, 1, 1) * t
+    sky = torch.cat([zenith_L * (1 - t) + horizon_L * t, zenith * (1 - t) + horizon_ab * t], dim=1)
     clouds = ((_smooth_noise(n, size, 4, gen) - 0.55) * 4).clamp(0, 1) * (1 - t) * 0.8
-    sky = sky * (1 - clouds) + clouds * 0.97
-    ground_c = _pick_colours(_GROUNDS, n, gen, 0.05).view(n, 3, 1, 1)
+    sky = sky * (1 - clouds) + clouds * torch.tensor([95.0, 0, 0]).view(1, 3, 1, 1)
+    ground_ab = _ab(_pick_colours(_GROUNDS, n, gen, 0.05))
     texture = 0.75 + 0.25 * _smooth_noise(n, size, max(4, size // 4), gen) + 0.08 * torch.rand(n, 1, size, size, generator=gen)
     depth = ((y - horizon) / (1 - horizon)).clamp(0, 1).unsqueeze(1)
-    ground = ground_c * texture * (1.0 - 0.35 * depth)
+    ground_L = _uniform(n, 40, 80, gen) * texture * (1.0 - 0.35 * depth)
+    ground = torch.cat([ground_L, ground_ab.expand(-1, -1, size, size)], dim=1)
     in_ground = ((y - horizon - wave) * size + 0.5).clamp(0, 1).unsqueeze(1)
     image = sky * (1 - in_ground) + ground * in_ground
     # Half the images are "studio" shots: an even texture with no horizon and no
     # vertical gradient. Without them the sky/ground split alone tells rotation
     # which way is up and the network never needs to look at the object.
     studio = (torch.rand(n, generator=gen) < 0.5).view(n, 1, 1, 1)
-    backdrop = torch.rand(n, 3, 1, 1, generator=gen) * 0.6 + 0.2
-    backdrop = backdrop * (0.8 + 0.4 * _smooth_noise(n, size, max(3, size // 6), gen))
+    backdrop_ab = _ab(torch.rand(n, 3, generator=gen) * 0.6 + 0.2)
+    backdrop_L = _uniform(n, 30, 85, gen) * (0.85 + 0.3 * _smooth_noise(n, size, max(3, size // 6), gen))
+    backdrop = torch.cat([backdrop_L, backdrop_ab.expand(-1, -1, size, size)], dim=1)
     image = torch.where(studio, backdrop, image)
 
     # The object stands on the ground, upright (tilt of at most 10 degrees).
@@ -143,7 +168,7 @@ def _render_shapes(labels: torch.Tensor, size: int, gen: torch.Generator) -> tor
     du, dv = (x - c) / s, (b - y) / s
     u = du * torch.cos(tl) + dv * torch.sin(tl)
     v = -du * torch.sin(tl) + dv * torch.cos(tl)
-    brightness = (0.8 + 0.35 * torch.rand(n, 1, 1, 1, generator=gen))
+    brightness = 0.85 + 0.3 * torch.rand(n, 1, 1, 1, generator=gen)  # of the whole object, on its lightness
     stripes = torch.rand(n, generator=gen) < 0.35
     freq = 4 + 8 * torch.rand(n, 1, 1, generator=gen)
     pattern = torch.where(stripes.view(n, 1, 1), 0.85 + 0.15 * torch.sign(torch.sin(freq * math.pi * (u + v))),
@@ -153,13 +178,14 @@ def _render_shapes(labels: torch.Tensor, size: int, gen: torch.Generator) -> tor
         if len(idx) == 0:
             continue
         main, detail = _shape_parts(name, u[idx], v[idx])
-        for d, options in zip((main, detail), _PALETTES[name]):
-            colour = _pick_colours(options, len(idx), gen).view(-1, 3, 1, 1)
+        for d, options, tone in zip((main, detail), _PALETTES[name], _TONES[name]):
+            ab = _ab(_pick_colours(options, len(idx), gen))  # the part's colour, from its palette
+            L = (tone + 16 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)) * brightness[idx]  # its own tone
+            paint = torch.cat([L * pattern[idx].unsqueeze(1), ab.expand(-1, -1, size, size)], dim=1)
             # Anti-aliased coverage: signed distance in pixels, half a pixel either side.
             alpha = (0.5 - d * s[idx] * size).clamp(0, 1).unsqueeze(1)
-            paint = colour * pattern[idx].unsqueeze(1) * brightness[idx]
             image[idx] = image[idx] * (1 - alpha) + paint * alpha
-    return image.clamp(0, 1)
+    return lab_to_rgb(image)
 
 
 def make_shapes(num: int, size: int = 32, seed: int = 0, chunk: int = 1000):
@@ -238,15 +264,59 @@ def make_videos(num: int = 64, frames: int = 16, size: int = 64, objects: int = 
 
 
 # ---------------------------------------------------------------------------
-# python builtin_data.py preview: look at the built-in data
+# python builtin_data.py preview | shortcut: look at the built-in data
 # ---------------------------------------------------------------------------
+def explained(target: torch.Tensor, keys: torch.Tensor) -> float:
+    """R^2 of predicting `target` (P,) by the mean target of its key's group (keys (P, D),
+    integers): the share of target's variance that the key alone explains."""
+    _, group = torch.unique(keys, dim=0, return_inverse=True)
+    count = torch.bincount(group).float()
+    mean = torch.zeros(len(count)).index_add_(0, group, target) / count
+    return 1 - float(((target - mean[group]) ** 2).mean() / target.var())
+
+
+def colour_shortcut(images: torch.Tensor) -> tuple[float, float]:
+    """uint8 images (N, 3, H, W) -> (how much of a pixel's lightness its colour explains, and
+    how much of its colour (a and b, averaged) its lightness explains), each the R^2 of the
+    mean within bins (ab in bins of 5, L in bins of 2). What colorization and split-brain
+    could learn pixel by pixel, without looking at shapes."""
+    lab = rgb_to_lab(images.float() / 255)
+    L, ab = lab[:, 0].flatten(), lab[:, 1:].permute(0, 2, 3, 1).reshape(-1, 2)
+    L_bins = torch.round(L / 2).long()[:, None]
+    return (explained(L, torch.round(ab / 5).long()),
+            (explained(ab[:, 0], L_bins) + explained(ab[:, 1], L_bins)) / 2)
+
+
+def _shortcut(a):
+    import random
+    if a.folder:
+        from common import IMAGE_EXTENSIONS, read_image
+        files = sorted(p for p in Path(a.folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            fail(f"no images in {a.folder}")
+        random.Random(0).shuffle(files)
+        images = torch.stack([F.interpolate(read_image(f)[None].float(), size=(a.size, a.size), mode="bilinear",
+                                            antialias=True)[0].round().to(torch.uint8) for f in files[:a.images]])
+        what = f"{len(images)} images of {a.folder} at {a.size} px"
+    else:
+        images, what = make_shapes(a.images, a.size, seed=0)[0], f"{a.images} built-in images at {a.size} px"
+    L_from_ab, ab_from_L = colour_shortcut(images)
+    print(f"{what}: a pixel's colour (ab) explains {L_from_ab:.2f} of its lightness's variance (R^2), "
+          f"its lightness {ab_from_L:.2f} of its colour's")
+
+
 def _preview(argv=None):
     import torchvision.utils as vutils
-    p = argparse.ArgumentParser(description="Save sample grids of the built-in images and videos.")
-    p.add_argument("command", choices=["preview"])
-    p.add_argument("--out", default="docs", help="folder for shapes.png and videos.png")
+    p = argparse.ArgumentParser(description="Save sample grids of the built-in images and videos, or measure how "
+                                            "far a pixel's colour gives its lightness away (and back).")
+    p.add_argument("command", choices=["preview", "shortcut"])
+    p.add_argument("--out", default="docs", help="preview: folder for shapes.png and videos.png")
     p.add_argument("--size", type=int, default=64, help="image size of the samples")
+    p.add_argument("--folder", default="", help="shortcut: measure the images under this folder instead")
+    p.add_argument("--images", type=int, default=2000, help="shortcut: how many images")
     a = p.parse_args(argv)
+    if a.command == "shortcut":
+        return _shortcut(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = make_shapes(200, a.size, seed=0)
@@ -260,4 +330,4 @@ def _preview(argv=None):
 
 
 if __name__ == "__main__":
-    _preview()
+    cli(_preview)

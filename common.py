@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import inspect
 import itertools
 import json
@@ -677,14 +678,20 @@ def load_image_data(args) -> ImageData:
     if args.dataset == "shapes":
         if not 32 <= size <= 128:
             fail(f"the built-in shapes come in 32 to 128 px, not {size}")
-        shapes = _builtin_data()
-        # Fixed data seeds, independent of --seed: every run sees the same images.
-        train = TensorImages(*shapes.make_shapes(10_000, size, seed=0))
-        test = TensorImages(*shapes.make_shapes(2_000, size, seed=1))
-        return ImageData(train, train, test, shapes.SHAPE_CLASSES)
+        train, test = (TensorImages(*split) for split in _builtin_images(size))
+        return ImageData(train, train, test, _builtin_data().SHAPE_CLASSES)
     if args.dataset == "folder":
         return _load_folder(args)
     return _load_torchvision(args)
+
+
+@functools.lru_cache(maxsize=2)
+def _builtin_images(size: int):
+    """The built-in training (10,000) and test (2,000) images and labels at `size` px. Fixed
+    data seeds, independent of --seed: every run sees the same images. Kept for the next
+    run in the same process (a sweep, the tests): rendering takes seconds."""
+    shapes = _builtin_data()
+    return shapes.make_shapes(10_000, size, seed=0), shapes.make_shapes(2_000, size, seed=1)
 
 
 def _load_folder(args) -> ImageData:
