@@ -28,8 +28,9 @@ def test_each_half_sees_only_its_own_channels():
 def test_halves_and_the_representation_that_concatenates_them():
     full, width = common.build_backbone("small", 32)
     size = sum(p.numel() for p in full.parameters())
-    whole = sb.SplitBrain("small", 32, 7, 5)  # default: each half a whole small network
-    paper = sb.SplitBrain("small", 32, 7, 5, half_width=True)  # --halves half: one network split in two
+    whole = sb.SplitBrain("small", 32, 7, 5)  # --halves full (ours): each half a whole small network
+    paper = sb.SplitBrain("small", 32, 7, 5, half_width=True)  # --halves half (default): one network split in two
+    assert sb.Args().halves == "half" and not sb.Args().turn_hues  # the default is the paper's split
     assert whole.width == 2 * width and paper.width == width == 128
     assert 0.95 * size < sum(p.numel() for p in whole.f1.parameters()) < size
     assert sum(p.numel() for p in paper.f1.parameters()) < 0.3 * size
@@ -92,14 +93,21 @@ def test_end_to_end_and_regression(tiny_folder, tmp_path):
                  "--no-turn-hues", "--no-eval"))
 
 
-def test_a_short_run_predicts_lightness_from_colour(tmp_path):
-    r = sb.main(["--out", str(tmp_path), "--max-steps", "60", "--no-eval", "--log-every", "0"])
+def test_a_short_run_beats_constant_guesses(tmp_path):
+    """After 300 steps each half's cross-entropy on the test split is below the best
+    constant guess's (the targets' mean distribution), and the baselines are what they say
+    (measured: F1 4.26 against 4.50, F2 3.30 against 3.40)."""
+    r = sb.main(["--out", str(tmp_path), "--max-steps", "300", "--no-eval", "--log-every", "0"])
     x = common.make_shapes(2000, 32, seed=1)[0].float() / 255  # the test split
     lab = torch.nn.functional.adaptive_avg_pool2d(common.rgb_to_lab(x), 8)
     constant_error = (lab[:, :1] - lab[:, :1].mean()).abs().mean().item()  # always guessing the mean lightness
     assert abs(r["pretext_L_error_mean_guess"] - constant_error) < 1e-3
     assert abs(r["pretext_ab_error_grey_guess"] - lab[:, 1:].abs().mean().item()) < 1e-3
-    assert r["pretext_L_error"] < 0.92 * constant_error  # measured: 11.6 against 13.2 after 60 steps
+    target = sb.soft_encode(lab[:, :1], sb.l_centres(50), sigma=1.0)  # F2's targets
+    p = target.mean((0, 2, 3))
+    assert r["pretext_L_xent_constant"] == pytest.approx(-(p * p.clamp(min=1e-12).log()).sum().item(), rel=1e-4)
+    assert r["pretext_L_xent"] < r["pretext_L_xent_constant"] - 0.05
+    assert r["pretext_ab_xent"] < r["pretext_ab_xent_constant"] - 0.05
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
