@@ -1,18 +1,27 @@
 """Predict the relative location of two patches: lecture 13, pretext task 2.
 
 Doersch, Gupta, Efros, "Unsupervised Visual Representation Learning by Context
-Prediction", ICCV 2015. Lay a 3x3 grid of patches on the image; give the
-network the centre patch and one of its 8 neighbours; it predicts which of the
-8 positions the neighbour came from. Two branches with tied weights (one
+Prediction", ICCV 2015. Sample a patch anywhere in the image and one of its 8
+neighbours in a 3x3 grid around it; the network sees the two and predicts which
+of the 8 positions the neighbour came from. Two branches with tied weights (one
 backbone) embed the patches; their features are concatenated and a small head
-classifies. Shortcuts the paper closes: a gap between patches and a random
-jitter of each (edges and lines cannot simply be continued), and chromatic
-aberration, closed by colour dropping or by projecting out green-magenta.
+classifies. Shortcuts the paper closes: a gap between patches (half a patch) and
+a random jitter of each (edges and lines cannot simply be continued), the grid
+landing anywhere (a neighbour's place in the image does not give its label
+away), and chromatic aberration, closed by colour dropping (the released
+code's) or by projecting out green-magenta. The released code also normalises
+each patch on its own and downsamples a third of them at random; so does this.
 
-    python patch_location.py                          # built-in shapes at 64 px, ~3 min on 2 CPU cores
-    python patch_location.py --chroma drop            # colour dropping (or project, none; default: auto)
-    python patch_location.py --gap 0 --jitter 0       # ... and the gap and jitter
+    python patch_location.py                          # built-in shapes at 64 px, ~2 min on 2 CPU cores
+    python patch_location.py --chroma project         # the paper's other remedy (or none)
+    python patch_location.py --gap 0 --jitter 0 --downsample 0   # without the gap, the jitter and the downsampling
     python patch_location.py --dataset folder --data-dir /tmp/cifar10-jpg --image-size 32 --patch 8 --gap 4 --jitter 1
+
+Departures from the paper (README, patch_location.py):
+- Scaled down: 16 px patches in 64 px images (the paper: 96 px patches in images of
+  390-670 px a side, about the same share of the side), gap and jitter in proportion.
+- Head: one hidden layer on the two concatenated features, where the paper has fc6 per
+  branch, then fc7 and fc8 (AlexNet). Not measured against the paper's.
 """
 from __future__ import annotations
 
@@ -27,49 +36,52 @@ import common
 
 @dataclass
 class Args(common.Args):
-    image_size: int = 64  # the grid needs room: 3 x patch + 2 x gap + 2 x jitter px (paper: images of ~150k-450k px)
-    epochs: int = 40  # sized for the 3-minute CPU budget on the built-in data (16 px patches are cheap: ~90 s)
-    batch_size: int = 128  # patch pairs per step (paper: 128); 256 learned less in the same time (README)
+    image_size: int = 64  # paper: images of 150k-450k px (about 390-670 px a side)
+    epochs: int = 80  # sized for the 3-minute CPU budget on the built-in data (16 px patches are cheap)
+    batch_size: int = 128  # patch pairs per step (paper: 128)
     lr: float = 0.05  # SGD peak lr; warm-up, then cosine decay
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
-    patch: int = 16  # patch side in px (paper: 96)
-    gap: int = 6  # gap between neighbouring patches, px (paper: 48, half a patch; 8 would not fit 64 px)
-    jitter: int = 2  # each patch moves up to this many px in x and y (paper: up to 7)
-    chroma: str = "auto"  # against chromatic aberration: project | drop | none | auto (none on the built-in shapes, else project)
+    patch: int = 16  # patch side in px (paper: 96, about a fifth of the image side, as here)
+    gap: int = 8  # gap between neighbouring patches, px (paper: 48, half a patch)
+    jitter: int = 1  # each patch moves up to this many px in x and y (paper: up to 7 of 96, 7%)
+    chroma: str = "drop"  # against chromatic aberration: drop (colour dropping, the released code's) | project (the paper's other remedy) | none
+    downsample: float = 0.33  # fraction of patches downsampled to as little as 1% of their pixels and upsampled (released code: 1/3)
 
 
 # ---------------------------------------------------------------------------
 # Pretext data: centre patch, a neighbour, and where the neighbour sits
 # ---------------------------------------------------------------------------
-# Label k -> (row, column) of the neighbour in the 3x3 grid; the centre is (1, 1).
+# Label k -> (row, column) of the neighbour in the 3x3 grid around the centre patch, at (1, 1).
 POSITIONS = ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2))
 
 
-def grid_span(patch: int, gap: int, jitter: int) -> int:
-    """Smallest image side that holds the jittered 3x3 grid."""
-    return 3 * patch + 2 * gap + 2 * jitter
+def pair_span(patch: int, gap: int, jitter: int) -> int:
+    """Smallest image side that holds a jittered pair of diagonal neighbours: 2 x patch + gap + 2 x jitter."""
+    return 2 * patch + gap + 2 * jitter
 
 
 def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int):
     """Centre patches (N, C, p, p), neighbour patches (N, C, p, p) and labels (N,) in 0..7.
 
-    The grid (cells of `patch` px, `gap` px apart) is placed at a random position in
-    each image; each of the two patches then moves by its own random offset in
-    [-jitter, jitter] in x and y. Also returns the patches' top-left corners
-    (N, 2, 2: centre/neighbour, y/x) so tests can check the geometry."""
+    As the paper (sec. 3): the first patch is sampled uniformly over the image, among the
+    places where the neighbour also fits; the neighbour sits one cell of the 3x3 grid
+    away (`patch` px cells, `gap` px apart); each of the two patches then moves by its
+    own random offset in [-jitter, jitter] in x and y. So the grid lands anywhere, and a
+    neighbour's place in the image does not give its label away. Also returns the
+    patches' top-left corners (N, 2, 2: centre/neighbour, y/x) for the tests."""
     n, _, h, w = images.shape
-    if min(h, w) < grid_span(patch, gap, jitter):
-        raise ValueError(f"images of {h}x{w} px cannot hold a grid of 3 x {patch} px patches, gap {gap}, jitter {jitter}")
+    if min(h, w) < pair_span(patch, gap, jitter):
+        raise ValueError(f"images of {h}x{w} px cannot hold two {patch} px patches {gap} px apart with jitter {jitter}")
     dev = images.device
     step = patch + gap
-    span = 3 * patch + 2 * gap
-    oy = torch.randint(jitter, h - span - jitter + 1, (n,), device=dev)  # grid origin, room for jitter
-    ox = torch.randint(jitter, w - span - jitter + 1, (n,), device=dev)
     labels = torch.randint(0, 8, (n,), device=dev)
-    pos = torch.tensor(POSITIONS, device=dev)[labels]  # (N, 2): row, column of the neighbour
-    cells = torch.stack([torch.ones_like(pos), pos], dim=1)  # (N, 2, 2): centre (1, 1), neighbour
-    corners = torch.stack([oy, ox], dim=1).unsqueeze(1) + cells * step
+    offset = torch.tensor(POSITIONS, device=dev)[labels] - 1  # (N, 2): the neighbour's cell - the centre's, in -1..1
+    # The centre's corner, uniform over [jitter + room above/left, side - patch - jitter - room below/right].
+    low = jitter + (-offset).clamp(min=0) * step
+    high = torch.tensor([h, w], device=dev) - patch - jitter - offset.clamp(min=0) * step
+    centre = low + (torch.rand(n, 2, device=dev) * (high - low + 1)).long()
+    corners = torch.stack([centre, centre + offset * step], dim=1)  # (N, 2, 2): centre, neighbour
     corners = corners + torch.randint(-jitter, jitter + 1, corners.shape, device=dev)  # independent jitter
     batch = torch.arange(n, device=dev).view(n, 1, 1)
     r = torch.arange(patch, device=dev)
@@ -101,13 +113,42 @@ def project_colour(x: torch.Tensor) -> torch.Tensor:
     return x - (x * a).sum(1, keepdim=True) * a
 
 
-def prepare_patches(images, args):
+def downsample_some(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A fraction p of the patches resized down and back up (bilinear), to between about
+    10 and 99 of every 96 px on a side: from 1% of their pixels to all. The released code
+    does this to a third of its 96 px patches (as few as 100 pixels), so that the network
+    cannot tell neighbours by their shared sharpness or pixel grain."""
+    n, _, side, _ = x.shape
+    chosen = torch.rand(n, device=x.device) < p
+    area = torch.rand(n, device=x.device) * ((95 / 96) ** 2 - (10 / 96) ** 2) + (10 / 96) ** 2  # uniform in area
+    sides = (area.sqrt() * side).long().clamp(min=1)
+    out = x.clone()
+    for s in sides[chosen].unique().tolist():
+        i = chosen & (sides == s)
+        small = F.interpolate(x[i], size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = F.interpolate(small, size=(side, side), mode="bilinear", align_corners=False)
+    return out
+
+
+def normalize_patches(x: torch.Tensor) -> torch.Tensor:
+    """Each patch (N, C, p, p) with the mean of each of its channels removed, then divided by
+    its root mean square over all channels (the released code), so that neighbours cannot be
+    matched by their brightness or contrast."""
+    x = x - x.mean((2, 3), keepdim=True)
+    return x / (x.square().mean((1, 2, 3), keepdim=True).sqrt() + 1e-3)
+
+
+def prepare_patches(images, args, train: bool = True):
+    """Pairs as the network sees them: sampled, downsampled at random (training only),
+    colour dropped or projected, each patch normalised on its own."""
     centre, neighbour, labels, _ = sample_pairs(images, args.patch, args.gap, args.jitter)
+    if train and args.downsample:
+        centre, neighbour = downsample_some(centre, args.downsample), downsample_some(neighbour, args.downsample)
     if args.chroma == "drop":
         centre, neighbour = drop_colour(centre), drop_colour(neighbour)
     elif args.chroma == "project":
         centre, neighbour = project_colour(centre), project_colour(neighbour)
-    return centre, neighbour, labels
+    return normalize_patches(centre), normalize_patches(neighbour), labels
 
 
 # ---------------------------------------------------------------------------
@@ -116,13 +157,12 @@ def prepare_patches(images, args):
 class PatchLocationNet(nn.Module):
     def __init__(self, backbone: nn.Module, width: int):
         super().__init__()
-        self.normalize = common.Normalize()
         self.backbone = backbone  # both branches: the same module, so the weights are tied
         # paper: fc6 per branch, concatenated, fc7, fc8 (8-way); here one hidden layer
         self.head = nn.Sequential(nn.Linear(2 * width, 256), nn.ReLU(inplace=True), nn.Linear(256, 8))
 
-    def forward(self, centre, neighbour):  # (N, 3, p, p) each -> logits (N, 8)
-        feats = self.backbone(self.normalize(torch.cat([centre, neighbour])))  # one pass: 2N x width
+    def forward(self, centre, neighbour):  # (N, 3, p, p) each, normalised per patch -> logits (N, 8)
+        feats = self.backbone(torch.cat([centre, neighbour]))  # one pass: 2N x width
         f_centre, f_neighbour = feats.chunk(2)
         return self.head(torch.cat([f_centre, f_neighbour], dim=1))  # concatenated: N x 2 width
 
@@ -139,15 +179,15 @@ def position_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # Training
 # ---------------------------------------------------------------------------
 def train(args: Args):
-    if args.chroma not in ("drop", "project", "none", "auto"):
-        common.fail(f"--chroma must be drop, project, none or auto, not {args.chroma}")
-    if args.chroma == "auto":  # rendered shapes have no chromatic aberration to hide; photos do
-        args.chroma = "none" if args.dataset == "shapes" else "project"
+    if args.chroma not in ("drop", "project", "none"):
+        common.fail(f"--chroma must be drop, project or none, not {args.chroma}")
+    if args.downsample > 1:
+        common.fail(f"--downsample is a fraction of the patches, at most 1, not {args.downsample}")
     if args.patch < 8 or args.gap < 0 or args.jitter < 0:
         common.fail("--patch must be at least 8, and --gap and --jitter at least 0")
-    common.check_image_size(args, grid_span(args.patch, args.gap, args.jitter),
-                            f"a 3x3 grid of {args.patch} px patches with gap {args.gap} and jitter {args.jitter} "
-                            f"(3 x patch + 2 x gap + 2 x jitter)")
+    common.check_image_size(args, pair_span(args.patch, args.gap, args.jitter),
+                            f"two diagonal {args.patch} px patches with gap {args.gap} and jitter {args.jitter} "
+                            f"(2 x patch + gap + 2 x jitter)")
     run = common.Run(args, "patch_location")
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
@@ -161,10 +201,10 @@ def train(args: Args):
     parts = {"model": model, "optimizer": optimizer}
     model.train()
     net = common.unwrap(model)
-    monitor = (data, lambda: encoder_of(net.backbone))  # the kNN learning curve, --monitor-every
+    monitor = (data, lambda: PatchNormalizedEncoder(net.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        centre, neighbour, y = prepare_patches(run.to_device(images), args)  # (N, 3, p, p) x 2, (N,)
+        centre, neighbour, y = prepare_patches(run.to_device(images), args)  # (N, 3, p, p) x 2, (N,): the free labels
         with run.autocast():
             logits = model(run.format(centre), run.format(neighbour))  # (N, 8)
             loss = position_loss(logits.float(), y)
@@ -180,16 +220,24 @@ def train(args: Args):
         return run.close()
     results = {"pretext_top1": pretext_accuracy(net, data.test, args, run.device), "steps": run.step}
     run.print(f"position accuracy on the test split: {results['pretext_top1']:.4f} (chance 0.1250)")
-    return run.finish(results, data, encoder_of(net.backbone),
-                      lambda: encoder_of(common.build_backbone(args.backbone, args.patch)[0]))
+    return run.finish(results, data, PatchNormalizedEncoder(net.backbone),
+                      lambda: PatchNormalizedEncoder(common.build_backbone(args.backbone, args.patch)[0]))
 
 
 # ---------------------------------------------------------------------------
 # Evaluation: what the protocol sees, and the position accuracy
 # ---------------------------------------------------------------------------
-def encoder_of(backbone: nn.Module) -> nn.Module:
-    """What the evaluation protocol sees: whole RGB images in [0, 1] -> backbone features."""
-    return nn.Sequential(common.Normalize(), backbone)
+class PatchNormalizedEncoder(nn.Module):
+    """What the evaluation protocol sees: whole RGB images in [0, 1], each normalised as
+    the patches were during training (normalize_patches), -> backbone features."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(normalize_patches(x))
+
 
 
 @torch.no_grad()
@@ -198,7 +246,7 @@ def pretext_accuracy(model, dataset, args, device, batch_size=512) -> float:
     model.eval()
     correct = total = 0
     for images, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        centre, neighbour, labels = prepare_patches(common.to_float(images, device), args)
+        centre, neighbour, labels = prepare_patches(common.to_float(images, device), args, train=False)
         correct += (model(centre, neighbour).argmax(1) == labels).sum().item()
         total += len(labels)
     model.train()

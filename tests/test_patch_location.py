@@ -19,12 +19,13 @@ def coordinate_images(n, size):
     return img.unsqueeze(0).repeat(n, 1, 1, 1)
 
 
-@pytest.mark.parametrize("patch, gap, jitter, size", [(14, 7, 2, 64), (8, 3, 1, 32), (10, 0, 0, 30), (6, 3, 3, 40)])
+@pytest.mark.parametrize("patch, gap, jitter, size", [(16, 8, 1, 64), (8, 3, 1, 32), (10, 0, 0, 30), (6, 3, 3, 40),
+                                                    (16, 8, 1, 42)])
 def test_labels_match_the_neighbours_true_offset_and_bounds_hold(patch, gap, jitter, size):
     torch.manual_seed(0)
-    x = coordinate_images(500, size)
+    x = coordinate_images(800, size)
     centre, neighbour, labels, corners = pl.sample_pairs(x, patch, gap, jitter)
-    assert centre.shape == neighbour.shape == (500, 3, patch, patch)
+    assert centre.shape == neighbour.shape == (800, 3, patch, patch)
     # Patches are real crops of the image (their content is their position), never outside it.
     for p, c in ((centre, corners[:, 0]), (neighbour, corners[:, 1])):
         assert torch.equal(p[:, 0, 0, 0], c[:, 0].float()) and torch.equal(p[:, 1, 0, 0], c[:, 1].float())
@@ -41,7 +42,7 @@ def test_labels_match_the_neighbours_true_offset_and_bounds_hold(patch, gap, jit
             # Up to 2 x jitter away from the grid position, and no further.
             assert ((d - cell * step).abs() <= 2 * jitter).all()
     # Every position occurs, about equally often.
-    assert labels.bincount(minlength=8).min() > 30
+    assert labels.bincount(minlength=8).min() > 50
     # Neighbouring patches are separated by at least the gap minus the jitter of both.
     side = (labels == 3) | (labels == 4)  # left or right neighbour
     assert ((dx[side].abs() - patch) >= gap - 2 * jitter).all()
@@ -49,9 +50,49 @@ def test_labels_match_the_neighbours_true_offset_and_bounds_hold(patch, gap, jit
         assert (dy[side] != 0).any()  # jitter moves the patches
 
 
-def test_image_too_small_for_the_grid_is_refused():
+def test_the_grid_lands_anywhere_at_the_default_geometry():
+    """Paper sec. 3: the first patch is sampled uniformly over the image. The grids of a
+    batch start in many places, and a neighbour's place in the image does not give its
+    label away: the same place is the neighbour of several labels."""
+    torch.manual_seed(0)
+    a = pl.Args()
+    x = coordinate_images(2000, a.image_size)
+    _, _, labels, corners = pl.sample_pairs(x, a.patch, a.gap, a.jitter)
+    origins = corners[:, 0] - (a.patch + a.gap)  # the 3x3 grid's top-left cell, around the centre patch
+    assert len(origins.unique(dim=0)) > 500
+    assert corners[:, 0, 0].min() <= a.jitter and corners[:, 0, 0].max() >= a.image_size - a.patch - a.jitter
+    place = corners[:, 1, 0] * 1000 + corners[:, 1, 1]  # the neighbour's corner
+    labels_at = {}
+    for p, y in zip(place.tolist(), labels.tolist()):
+        labels_at.setdefault(p, set()).add(y)
+    often = [s for p, s in labels_at.items() if (place == p).sum() >= 5]
+    assert sum(len(s) > 1 for s in often) > 0.9 * len(often)
+    assert 2 * a.gap == a.patch and round(0.07 * a.patch) == a.jitter  # the paper's proportions
+
+
+def test_image_too_small_for_the_pair_is_refused():
     with pytest.raises(ValueError):
-        pl.sample_pairs(torch.rand(2, 3, 40, 40), 14, 7, 2)
+        pl.sample_pairs(torch.rand(2, 3, 41, 41), 16, 8, 1)
+
+
+def test_patches_are_normalised_one_by_one():
+    x = torch.rand(6, 3, 8, 8) * torch.tensor([1, 5, 20.0]).view(1, 3, 1, 1) + 3
+    out = pl.normalize_patches(x)
+    assert out.mean((2, 3)).abs().max() < 1e-5  # every channel of every patch: zero mean
+    assert torch.allclose(out.square().mean((1, 2, 3)), torch.ones(6), atol=1e-3)  # unit mean square per patch
+    assert torch.allclose(pl.normalize_patches(x * 7 + 2), out, atol=1e-3)  # brightness and contrast are gone
+
+
+def test_downsampling_blurs_the_chosen_share_of_patches():
+    torch.manual_seed(0)
+    x = torch.rand(600, 3, 16, 16)
+    out = pl.downsample_some(x, 0.33)
+    changed = (out - x).abs().flatten(1).amax(1) > 1e-6
+    assert 0.25 < changed.float().mean() < 0.41
+    assert torch.equal(out[~changed], x[~changed])
+    roughness = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean((1, 2, 3))  # noqa: E731
+    assert (roughness(out[changed]) < roughness(x[changed])).float().mean() > 0.95  # they lost detail
+    assert torch.equal(pl.downsample_some(x, 0.0), x)
 
 
 def test_colour_dropping_keeps_one_channel_and_noises_the_others():
@@ -88,9 +129,9 @@ def test_a_short_run_learns(tmp_path):
 
 
 def test_too_small_image_size_is_one_line_naming_the_options(tmp_path):
-    proc = run_script("patch_location.py", "--image-size", "48", "--out", str(tmp_path))
+    proc = run_script("patch_location.py", "--image-size", "40", "--out", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "needs at least 64 px" in proc.stderr and "gap 6" in proc.stderr
+    assert "needs at least 42 px" in proc.stderr and "gap 8" in proc.stderr
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
