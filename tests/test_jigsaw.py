@@ -28,26 +28,42 @@ def test_permutations_are_distinct_permutations(perms100):
     assert torch.equal(perms100, jigsaw.make_permutations(100, seed=0))  # fixed by the seed
 
 
-def test_each_greedy_choice_is_as_far_as_any_permutation_could_be(perms100):
+def test_each_greedy_choice_has_the_largest_average_distance_to_those_before(perms100):
+    """The paper's Algorithm 1: the next permutation is, among all not yet chosen, one whose
+    summed (= average) Hamming distance to the chosen ones is largest."""
     import itertools
     every = torch.tensor(list(itertools.permutations(range(9))))
-    min_dist = (every != perms100[0]).sum(1)
+    total = (every != perms100[0]).sum(1)
+    taken = torch.zeros(len(every), dtype=torch.bool)
+    index = {tuple(p): i for i, p in enumerate(every.tolist())}
+    taken[index[tuple(perms100[0].tolist())]] = True
+    for k in range(1, 40):
+        best_possible = int(total[~taken].max())
+        assert int((perms100[:k] != perms100[k]).sum()) == best_possible
+        taken[index[tuple(perms100[k].tolist())]] = True
+        total = total + (every != perms100[k]).sum(1)
+
+
+def test_the_minimum_rule_puts_the_nearest_distance_first():
+    import itertools
+    perms = jigsaw.make_permutations(30, seed=0, rule="minimum")
+    every = torch.tensor(list(itertools.permutations(range(9))))
+    min_dist = (every != perms[0]).sum(1)
     for k in range(1, 30):
-        best_possible = int(min_dist.max())
-        assert int((perms100[:k] != perms100[k]).sum(1).min()) == best_possible
-        min_dist = torch.minimum(min_dist, (every != perms100[k]).sum(1))
+        assert int((perms[:k] != perms[k]).sum(1).min()) == int(min_dist.max())
+        min_dist = torch.minimum(min_dist, (every != perms[k]).sum(1))
 
 
-def test_greedy_sets_are_farther_apart_than_random_sets(perms100):
-    gen = torch.Generator().manual_seed(0)
-    random_mins = [min_hamming(torch.stack([torch.randperm(9, generator=gen) for _ in range(100)]))
-                   for _ in range(5)]
-    assert min_hamming(perms100) == 6 and max(random_mins) < 6
-
-
-def test_a_thousand_permutations_in_seconds():
-    perms = jigsaw.make_permutations(1000, seed=0)
-    assert len({tuple(p) for p in perms.tolist()}) == 1000 and min_hamming(perms) >= 5
+def test_selection_key_orders_large_sets_right():
+    """Totals above 2^14 (sets of more than about 1,800 permutations) must not spill into
+    the minimum's bits, nor the tie-break into the total's."""
+    total = torch.tensor([20_000, 20_001, 9 * 362_880 - 1, 5])
+    tie = torch.tensor([1023, 0, 0, 1023])
+    assert jigsaw.selection_key(total, tie).argmax() == 2  # the largest total wins
+    assert jigsaw.selection_key(total[:2], tie[:2]).argmax() == 1  # a larger total beats any tie-break
+    min_dist = torch.tensor([5, 5, 4, 6])
+    assert jigsaw.selection_key(total, tie, min_dist).argmax() == 3  # the minimum first, whatever the total
+    assert jigsaw.selection_key(total[:3], tie[:3], min_dist[:3]).argmax() == 1
 
 
 def cell_images(n, size):
@@ -74,6 +90,36 @@ def test_inverse_permutation_rebuilds_the_cells(perms100):
     # Tiles are taken at random places inside their cells: the gap varies.
     top_left_rows = tiles[:, :, 1, 0, 0]
     assert len(top_left_rows.unique()) > 9
+
+
+def test_tiles_come_with_their_margin():
+    torch.manual_seed(0)
+    x = cell_images(20, 64)
+    tiles, _ = jigsaw.make_puzzle(x, jigsaw.make_permutations(5), tile=14, margin=2)
+    assert tiles.shape == (20, 9, 3, 18, 18)
+    inner = tiles[..., 2:-2, 2:-2]
+    assert ((inner[:, :, 0] == inner[:, :, 0, :1, :1])).all()  # the tile itself lies in one cell
+    rows = tiles[:, :, 1, :, 0]
+    assert ((rows[..., 1:] - rows[..., :-1]) <= 1).all()  # consecutive rows of the image (edge repeated)
+
+
+def test_chromatic_jitter_moves_channels_of_colour_images_and_greys_the_rest():
+    torch.manual_seed(0)
+    n, t, m = 40, 10, 2
+    # Every channel the same ramp: a channel's value at (0, 0) tells where it was cut.
+    ramp = (torch.arange(t + 2 * m).view(-1, 1) * 100 + torch.arange(t + 2 * m).view(1, -1)).float()
+    tiles = ramp.expand(n, 9, 3, t + 2 * m, t + 2 * m).clone()
+    grey = torch.arange(n) < 12
+    out = jigsaw.chromatic_jitter(tiles, m, grey)
+    assert out.shape == (n, 9, 3, t, t)
+    corner = out[..., 0, 0]  # (N, 9, 3): 100 x row offset + column offset
+    dy, dx = corner // 100, corner % 100
+    assert (dy >= 0).all() and (dy <= 2 * m).all() and (dx >= 0).all() and (dx <= 2 * m).all()
+    assert (corner[grey] == 100 * m + m).all()  # grey images: every channel at the tile's own place
+    colour = corner[~grey]
+    assert (colour != colour[..., :1]).any(-1).float().mean() > 0.8  # channels moved apart
+    assert len(dy[~grey].unique()) == 2 * m + 1 and len(dx[~grey].unique()) == 2 * m + 1
+    assert torch.equal(out[..., 1:, :] - out[..., :-1, :], torch.full_like(out[..., 1:, :], 100))  # whole shifts
 
 
 def test_tiles_are_normalised_one_by_one():
