@@ -33,6 +33,27 @@ def test_reconstruction_loss_is_the_mean_square_inside_the_mask_only():
     assert inpainting.reconstruction_loss(x, changed, m).item() == pytest.approx(loss.item(), rel=1e-6)
 
 
+def test_with_the_context_weighted_the_loss_covers_the_whole_output():
+    """Random holes as the released code trains them: the squared error over the whole
+    output, the context's weighted by context_weight beside 1 in the hole."""
+    torch.manual_seed(0)
+    x, x_hat = torch.rand(2, 3, 6, 6), torch.rand(2, 3, 6, 6)
+    m = (torch.rand(2, 1, 6, 6) < 0.3).float()
+    assert inpainting.reconstruction_loss(x, x_hat, m, 1.0).item() == pytest.approx(F.mse_loss(x_hat, x).item(),
+                                                                                     rel=1e-5)
+    total = weight = 0.0
+    for n in range(2):
+        for c in range(3):
+            for i in range(6):
+                for j in range(6):
+                    w = 1.0 if m[n, 0, i, j] else 0.25
+                    total += w * float(x[n, c, i, j] - x_hat[n, c, i, j]) ** 2
+                    weight += w
+    assert inpainting.reconstruction_loss(x, x_hat, m, 0.25).item() == pytest.approx(total / weight, rel=1e-5)
+    assert inpainting.reconstruction_loss(x, x_hat, m, 0.0).item() == pytest.approx(
+        inpainting.reconstruction_loss(x, x_hat, m).item())
+
+
 def test_central_mask_has_the_requested_size_and_place():
     m = inpainting.make_masks(3, 32, "center", 0.5)
     assert m.shape == (3, 1, 32, 32)
