@@ -17,9 +17,20 @@ first frame is carried through the whole video (DAVIS), scored by region
 similarity J beside copying the first mask unchanged and beside the same
 propagation with a randomly initialised f.
 
-    python video_colorization.py                       # built-in videos with masks, ~3 min on 2 CPU cores
-    python video_colorization.py --dataset davis --data-dir ../shared/data/davis2016-sample --image-size 96 --crop 96
+    python video_colorization.py                       # built-in videos with masks, ~2 min on 2 CPU cores
+    python video_colorization.py --topk 10 --radius 4  # later work's limits on the pointer (tracking only)
+    python video_colorization.py --dataset davis --data-dir ../shared/data/davis2016-sample --image-size 96 --crop 64 --epochs 30
     torchrun --nproc_per_node=2 video_colorization.py --dataset davis --data-dir DAVIS --backbone resnet18 --image-size 256
+
+Departures from the paper (README, video_colorization.py):
+- Each frame is embedded on its own (the paper adds a small 3D convolutional network over
+  the frames), so a video's embeddings are computed once for every propagation step.
+  The backbone is small and trained on built-in videos or DAVIS frames (the paper: a
+  ResNet-18 at 256 px, trained on Kinetics). Not measured against the paper's.
+- Tracking copies labels from the first frame and from the --track-window 3 frames before
+  the target (their predicted labels) at --track-temperature 0.5; these two settings are
+  ours, not checked against the paper's inference.
+- Opt-in, from later work: --topk and --radius limit the pointer when tracking.
 """
 from __future__ import annotations
 
@@ -53,8 +64,8 @@ class Args(common.Args):
     temperature: float = 1.0  # softmax temperature of the pointer while training (paper: 1)
     track_temperature: float = 0.5  # softmax temperature when propagating masks
     track_window: int = 3  # recent frames (with their predicted masks) used as references besides the first frame
-    topk: int = 10  # keep only the k most similar reference locations per target location (0: all, as the paper)
-    radius: int = 4  # only reference locations within this many feature cells of the target location (0: anywhere, as the paper)
+    topk: int = 0  # tracking: keep only the k most similar reference locations per target location (0: all, the paper's pointer; k > 0 from later work, Lai & Xie 2019)
+    radius: int = 0  # tracking: only reference locations within this many feature cells of the target location (0: anywhere, the paper's; r > 0 from later work, Lai & Xie 2019, Jabri et al. 2020)
     train_videos: int = 256  # built-in training videos (16 frames each)
     eval_videos: int = 32  # built-in test videos for tracking (24 frames each)
     strip_videos: int = 3  # videos drawn in strip.png
