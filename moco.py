@@ -10,12 +10,20 @@ consistent. The training loop below follows the paper's Algorithm 1 line by line
 
     python moco.py                                    # built-in shapes, ~3 min on 2 CPU cores
     python moco.py --mlp --blur --temperature 0.2     # MoCo v2 (cosine schedule is the default)
-    python moco.py --schedule step --temperature 0.07 --momentum 0.999   # closer to MoCo v1
+    python moco.py --schedule step --temperature 0.07 --momentum 0.999 --augmentation v1   # closer to MoCo v1
     python moco.py --negatives memory-bank            # or end-to-end: the paper's other two dictionaries (Fig. 3)
     python moco.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
     # the MoCo CIFAR-10 demo's setting (about 82.6% kNN after 200 epochs, ResNet-18):
     python moco.py --dataset cifar10 --data-dir data --backbone resnet18 --epochs 200 --batch-size 512 --lr 0.06 \\
         --min-crop 0.08 --workers 8
+
+Departures from the paper (README, moco.py). The defaults are those of the official MoCo
+CIFAR-10 demo, the paper's method scaled to CIFAR-sized data: K = 4096, m = 0.99,
+t = 0.1, weight decay 5e-4, cosine schedule, split batch norm over 8 blocks of the batch
+(one device's stand-in for the paper's shuffled BN across GPUs), the demo's augmentation
+(v2's colour jitter; --augmentation v1 for the paper's). Ours beyond that:
+- Smallest crop 0.5 of the area (demo: 0.08, paper: 0.2): at 32 px small crops miss the
+  object (README, simclr.py).
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ import common
 class Args(common.Args):
     epochs: int = 10  # demo: 200 epochs on CIFAR-10; 10 fit the 3-minute CPU budget on the built-in data
     batch_size: int = 256  # images per process and step; demo: 512, paper: 256
-    lr: float = 0.06  # demo: 0.06 for batch 512; paper: 0.03 for batch 256
+    lr: float = 0.03  # paper: 0.03 for batch 256; demo: 0.06 for batch 512 (the same lr per image)
     weight_decay: float = 5e-4  # demo: 5e-4; paper (ImageNet): 1e-4
     queue_size: int = 4096  # K, negatives in the queue; paper: 65536 for ImageNet, 4096 suits CIFAR-sized data (demo)
     momentum: float = 0.99  # m of the key encoder; paper: 0.999; demo: 0.99, as fewer steps need a faster key encoder
@@ -44,6 +52,7 @@ class Args(common.Args):
     bn_splits: int = 8  # batch norm statistics over this many sub-batches (demo: 8); 1 for plain batch norm
     mlp: bool = False  # MoCo v2: a 2-layer MLP head instead of a linear one
     blur: bool = False  # MoCo v2: Gaussian blur augmentation (p = 0.5)
+    augmentation: str = "demo"  # demo: the CIFAR demo's, v2's colour jitter (0.4, 0.4, 0.4, 0.1 at p 0.8, then greyscale at p 0.2) | v1: the paper's (greyscale at p 0.2, then jitter 0.4, 0.4, 0.4, 0.4 always)
     schedule: str = "cosine"  # cosine (v2, demo) | step (v1: lr x 0.1 at 60% and 80% of training)
     min_crop: float = 0.5  # smallest crop, fraction of the area; demo: 0.08, paper: 0.2. At 32 px small crops miss the object
     negatives: str = "moco"  # moco (queue + momentum encoder) | end-to-end (the batch) | memory-bank (Wu et al. 2018): paper Fig. 2-3
@@ -54,10 +63,16 @@ class Args(common.Args):
 # Pretext data: two random augmentations of every image
 # ---------------------------------------------------------------------------
 def augment(x: torch.Tensor, args: Args) -> torch.Tensor:
-    """The MoCo CIFAR demo's (= v2's) augmentation, batched on the device; v1 had no blur."""
+    """One random augmentation of each image, batched on the device: a random resized crop
+    with flip, then colour, as the MoCo CIFAR demo (its colour jitter is v2's) or as the
+    paper's v1 code (--augmentation v1); blur with --blur (v2)."""
     x = common.random_resized_crop(x, scale=(args.min_crop, 1.0), size=args.image_size)  # of the whole image
-    x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
-    x = common.random_grayscale(x, p=0.2)
+    if args.augmentation == "v1":
+        x = common.random_grayscale(x, p=0.2)
+        x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.4, p=1.0)
+    else:
+        x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.1, p=0.8)
+        x = common.random_grayscale(x, p=0.2)
     if args.blur:
         x = common.gaussian_blur(x, p=0.5)
     return x
@@ -96,13 +111,12 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self):
-        """theta_k <- m * theta_k + (1 - m) * theta_q over parameters; buffers (batch norm
-        statistics) are copied from f_q."""
+        """theta_k <- m * theta_k + (1 - m) * theta_q over the parameters only, as the
+        official code: f_k's buffers (batch norm statistics) are its own, kept by its own
+        forward passes over the keys."""
         f_q = common.unwrap(self.f_q)
         for p_q, p_k in zip(f_q.parameters(), self.f_k.parameters()):
             p_k.mul_(self.m).add_(p_q.detach(), alpha=1 - self.m)
-        for b_q, b_k in zip(f_q.buffers(), self.f_k.buffers()):
-            b_k.copy_(b_q)
 
     @torch.no_grad()
     def enqueue_dequeue(self, k: torch.Tensor):
@@ -128,10 +142,12 @@ def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor):
 # Training: the paper's Algorithm 1
 # ---------------------------------------------------------------------------
 def train(args: Args):
-    if args.negatives != "moco":
-        return train_other_dictionary(args)  # the paper's two baselines, after Algorithm 1 below
     if args.schedule not in ("cosine", "step"):
         common.fail(f"--schedule must be cosine or step, not {args.schedule}")
+    if args.augmentation not in ("demo", "v1"):
+        common.fail(f"--augmentation must be demo or v1, not {args.augmentation}")
+    if args.negatives != "moco":
+        return train_other_dictionary(args)  # the paper's two baselines, after Algorithm 1 below
     common.check_image_size(args, 16, "the backbone's 16x downsampling")
     run = common.Run(args, "moco")
     global_batch = args.batch_size * run.world
@@ -160,9 +176,7 @@ def train(args: Args):
     f_k.train()
     monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
-        lr = common.cosine_lr(step, total_steps, args.lr) if args.schedule == "cosine" else \
-            args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))  # v1: x 0.1 at 60% and 80%
-        common.set_lr(optimizer, lr)
+        lr = common.set_lr(optimizer, schedule(step, total_steps, args))
         x = run.to_device(images, whole=True)  # a minibatch of N images (whole images for image folders)
         x_q, x_k = augment(x, args), augment(x, args)  # two random augmentations
         N = len(x)
@@ -186,6 +200,13 @@ def train(args: Args):
         run.log(N, loss=loss.item(), chance=chance, acc=acc.item(), lr=lr)  # [plumbing] progress line, log.jsonl
 
     return finish(run, args, data, f_q, f_k, chance)
+
+
+def schedule(step: int, total_steps: int, args: Args) -> float:
+    """The learning rate: cosine decay (v2, the demo), or v1's x 0.1 at 60% and 80% of training."""
+    if args.schedule == "cosine":
+        return common.cosine_lr(step, total_steps, args.lr)
+    return args.lr * 0.1 ** sum(step >= f * total_steps for f in (0.6, 0.8))
 
 
 # ---------------------------------------------------------------------------
@@ -312,7 +333,8 @@ class Indexed(torch.utils.data.Dataset):
 def train_other_dictionary(args: Args):
     """--negatives end-to-end: the keys are the other images of the current batch, encoded
     by the query encoder itself, with gradient (Fig. 2a): K = global batch - 1, bounded by
-    memory. --negatives memory-bank: one stored feature per training image (Wu et al.
+    memory; through shuffled batch norm as Algorithm 1's keys, which the paper uses "in
+    both our method and its end-to-end ablation counterpart" (sec. 3.3). --negatives memory-bank: one stored feature per training image (Wu et al.
     2018), refreshed from the query when its image comes round (stored <- m stored + (1 - m)
     q, normalised); the positive is the image's own stored feature, and K negatives are
     drawn from the bank at random (Fig. 2b): large K, but keys from encoders of up to an
@@ -337,15 +359,16 @@ def train_other_dictionary(args: Args):
     f_q.train()
     monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))
     for step, (images, idx) in run.steps(loader, parts, monitor=monitor):
-        lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
+        lr = common.set_lr(optimizer, schedule(step, total_steps, args))
         x = run.to_device(images, whole=True)
         N = len(x)
         with run.autocast():
             q = F.normalize(f_q(run.format(augment(x, args))).float(), dim=1)  # queries: N x C
-            if args.negatives == "end-to-end":  # keys by the same encoder, with gradient
-                k = F.normalize(f_q(run.format(augment(x, args))).float(), dim=1)
+            if args.negatives == "end-to-end":  # keys by the same encoder, with gradient, through shuffled BN
+                x_k, unshuffle = shuffle_keys(augment(x, args))
+                k = F.normalize(f_q(run.format(x_k)).float(), dim=1)
         if args.negatives == "end-to-end":
-            k = common.gather_with_grad(k)  # the global batch's keys: N_all x C
+            k = common.gather_with_grad(k)[unshuffle]  # the global batch's keys, unshuffled: N_all x C
             logits = q @ k.T  # N x N_all: the positive is each query's own image
             labels = torch.arange(N, device=q.device) + N * (run.rank if run.distributed else 0)
         else:

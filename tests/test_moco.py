@@ -45,17 +45,28 @@ def test_queue_keeps_the_newest_keys_and_wraps_around():
     assert torch.allclose(model.queue.norm(dim=0), torch.ones(8))
 
 
-def test_momentum_update_follows_the_formula_and_copies_buffers():
+def test_momentum_update_moves_parameters_only_and_leaves_f_k_buffers_alone():
+    """theta_k <- m theta_k + (1 - m) theta_q over the parameters, as the official code;
+    f_k's batch-norm statistics are its own: neither copied nor averaged from f_q's."""
     model = _moco(m=0.9)
     for p in model.f_q.parameters():
         p.data.add_(1.0)
     model.f_q.backbone[1].running_mean.fill_(3.0)
+    model.f_k.backbone[1].running_mean.fill_(-2.0)
+    model.f_k.backbone[1].num_batches_tracked.fill_(7)
     before_q = [p.detach().clone() for p in model.f_q.parameters()]
     before_k = [p.detach().clone() for p in model.f_k.parameters()]
     model.momentum_update()
     for pq, pk, after in zip(before_q, before_k, model.f_k.parameters()):
         assert torch.allclose(after, 0.9 * pk + 0.1 * pq)
-    assert torch.equal(model.f_k.backbone[1].running_mean, torch.full((6,), 3.0))
+    assert torch.equal(model.f_k.backbone[1].running_mean, torch.full((6,), -2.0))
+    assert int(model.f_k.backbone[1].num_batches_tracked) == 7
+    # f_k's statistics follow its own forward passes over the keys in training mode.
+    model.f_k.train()
+    with torch.no_grad():
+        model.f_k(torch.rand(4, 3, 8, 8) + 5)
+    assert (model.f_k.backbone[1].running_mean > -2.0).all()
+    assert torch.equal(model.f_q.backbone[1].running_mean, torch.full((6,), 3.0))
 
 
 def test_backward_leaves_f_k_untouched():
@@ -141,6 +152,30 @@ def test_end_to_end_negatives_are_the_batch(tiny_folder, tmp_path):
     assert r["loss_chance"] == pytest.approx(math.log(16))  # K = batch - 1 negatives
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert "queue" not in state and state["step"] == 2
+
+
+def test_end_to_end_keys_pass_through_shuffled_bn(tiny_folder, tmp_path, monkeypatch):
+    """Paper sec. 3.3: shuffled BN "in both our method and its end-to-end ablation
+    counterpart". Every step shuffles the key batch before the encoder and puts the keys
+    back in image order after it, with their gradient."""
+    calls = []
+    shuffle = moco.shuffle_keys
+
+    def recording(x):
+        shuffled, unshuffle = shuffle(x)
+        calls.append((x.clone(), shuffled.clone(), unshuffle.clone()))
+        return shuffled, unshuffle
+
+    monkeypatch.setattr(moco, "shuffle_keys", recording)
+    seen = []
+    real_forward = moco.Encoder.forward
+    monkeypatch.setattr(moco.Encoder, "forward", lambda self, x: seen.append(x.detach().clone()) or real_forward(self, x))
+    moco.main(tiny(tiny_folder, tmp_path, "--negatives", "end-to-end", "--max-steps", "2", "--no-eval"))
+    assert len(calls) == 2
+    for x, shuffled, unshuffle in calls:
+        assert not torch.equal(shuffled, x) and torch.equal(shuffled[unshuffle], x)
+    keys_in = [s for s in seen if any(torch.equal(s, c[1]) for c in calls)]
+    assert len(keys_in) == 2  # the encoder saw the shuffled key batches
 
 
 def test_a_short_run_beats_random_init(tmp_path):
