@@ -8,12 +8,22 @@ of Visual Representations", ICML 2020. The lecture's four steps:
   4. NT-Xent: each view must pick out its partner among the other 2N - 1 views
      by cosine similarity / temperature. Downstream uses h, not z.
 
-    python simclr.py                                  # built-in shapes, ~3 min on 2 CPU cores
+    python simclr.py                                  # built-in shapes, ~1 min on 2 CPU cores
     python simclr.py --augment crop                   # ablation: crop alone (also color, crop,color, all)
+    python simclr.py --no-proj-bn                     # g as the paper's text: a plain MLP
     python simclr.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
     # CIFAR-10 on 4 GPUs, paper settings (negatives are gathered from all 4 processes):
     torchrun --nproc_per_node=4 simclr.py --dataset cifar10 --backbone resnet18 --batch-size 128 \\
         --epochs 200 --lr 0.5 --temperature 0.5 --min-crop 0.08 --workers 8
+
+Departures from the paper (README, simclr.py), for short runs on 32 px images:
+- Smallest crop 0.5 of the area (paper: 0.08) and temperature 0.2 (paper, CIFAR-10: 0.5):
+  at 32 px an 8% crop often misses the object; the paper's values barely learn in a
+  3-minute run (README: the sweep).
+- SGD with momentum and weight decay 5e-4, one warm-up epoch (paper: LARS, 1e-6, 10
+  warm-up epochs; --optimizer lars).
+- The loss is the mean over the 2N views, half the released code's (nt_xent): at one
+  learning rate our step is half as large.
 """
 from __future__ import annotations
 
@@ -30,13 +40,13 @@ import common
 class Args(common.Args):
     epochs: int = 10  # paper: 100 to 800 epochs (1000 for CIFAR-10); 10 fit the 3-minute CPU budget
     batch_size: int = 256  # paper: 256 to 8192 (4096 main); more negatives help, see --lr
-    lr: float = 0.3  # SGD peak lr for batch 256; paper (LARS): 0.3 x batch / 256
+    lr: float = 0.3  # SGD peak lr for batch 256; paper (LARS): 0.3 x batch / 256. Our loss is half the released code's (nt_xent), so its step is twice ours at one lr
     weight_decay: float = 5e-4  # paper: 1e-6 with LARS; 5e-4 suits SGD on CIFAR-sized data
     optimizer: str = "sgd"  # sgd (momentum 0.9) | lars (paper, for large batches)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay (paper: 10 warm-up epochs)
     temperature: float = 0.2  # tau; paper B.9: 0.5 for CIFAR-10 over 1000 epochs; 0.2 learned faster in short runs (README)
     proj_dim: int = 128  # size of z (paper: 128)
-    proj_bn: bool = True  # batch norm in the head's hidden layer, as the paper's released code has (README: it helps)
+    proj_bn: bool = True  # g as the paper's released code: batch norm after both layers, the output's without centring; --no-proj-bn: the plain MLP of the paper's text (sec. 2.1)
     augment: str = "all"  # comma list of crop, color, blur, or all (crop,color, + blur at >= 96 px); paper Fig. 5
     color_strength: float = 0.5  # colour distortion strength s; paper: 0.5 for CIFAR-10, 1.0 for ImageNet
     min_crop: float = 0.5  # smallest crop, fraction of the area; paper: 0.08. At 32 px small crops miss the object (README)
@@ -82,10 +92,16 @@ class SimCLR(nn.Module):
         super().__init__()
         self.normalize = common.Normalize()
         self.f = backbone  # h = f(x): the representation kept for downstream tasks
-        # g: an MLP with one hidden layer, z = W2 relu(W1 h) (paper sec. 2.1); the released
-        # code puts batch norm after W1, which trained faster here.
-        hidden = [nn.Linear(width, width, bias=False), nn.BatchNorm1d(width)] if proj_bn else [nn.Linear(width, width)]
-        self.g = nn.Sequential(*hidden, nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
+        # g: an MLP with one hidden layer, z = W2 relu(W1 h) (paper sec. 2.1). The released
+        # code (model_util.projection_head) puts batch norm after W1 and after W2, the
+        # second without centring (a scale, no shift), and drops the biases it makes moot.
+        if proj_bn:
+            out_bn = nn.BatchNorm1d(proj_dim)
+            out_bn.bias.requires_grad_(False)  # held at 0: no centring (the released code's center=False)
+            self.g = nn.Sequential(nn.Linear(width, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+                                   nn.Linear(width, proj_dim, bias=False), out_bn)
+        else:
+            self.g = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
 
     def forward(self, x):  # x: (B, 3, H, W) in [0, 1] -> z: (B, proj_dim)
         return self.g(self.f(self.normalize(x)))
@@ -112,7 +128,9 @@ def similarity_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float):
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """l(i, j) = -log exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau), averaged over all 2N rows
-    (both orders of all N positive pairs; paper Algorithm 1)."""
+    (both orders of all N positive pairs; paper Algorithm 1: L = 1/2N sum_k [l(2k-1, 2k) +
+    l(2k, 2k-1)]). The released code returns loss_a + loss_b, each the mean over N rows:
+    twice this, so at one learning rate its step is twice as large as ours."""
     logits, targets = similarity_logits(z1, z2, temperature)
     return F.cross_entropy(logits, targets)
 

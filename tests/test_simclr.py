@@ -130,6 +130,32 @@ def test_bad_augment_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --augment")
 
 
+def test_the_head_is_the_released_codes_or_the_papers_plain_mlp():
+    """--proj-bn (default): as the released code, linear (no bias), batch norm, ReLU, linear
+    (no bias), batch norm with a scale but no shift (center=False). --no-proj-bn: the plain
+    MLP of the paper's text, W2 relu(W1 h)."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Flatten()
+    released = simclr.SimCLR(backbone, 12, 4, proj_bn=True)
+    kinds = [type(m).__name__ for m in released.g]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert released.g[0].bias is None and released.g[3].bias is None
+    out_bn = released.g[4]
+    assert not out_bn.bias.requires_grad and torch.equal(out_bn.bias, torch.zeros(4)) and out_bn.weight.requires_grad
+    h = torch.randn(32, 12)
+    with torch.no_grad():
+        out_bn.weight.fill_(2.0)
+        z = released.g(h)
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-5)  # batch-normalised, never shifted
+    assert torch.allclose(z.std(0, unbiased=False), torch.full((4,), 2.0), atol=1e-3)  # only scaled
+    plain = simclr.SimCLR(backbone, 12, 4, proj_bn=False)
+    assert [type(m).__name__ for m in plain.g] == ["Linear", "ReLU", "Linear"]
+    with torch.no_grad():
+        expected = plain.g[2](torch.relu(plain.g[0](h)))
+    assert torch.allclose(plain.g(h), expected)
+    assert simclr.Args().proj_bn
+
+
 def test_global_batch_norm_under_torchrun_on_gpus():
     """Paper sec. 2.2: batch norm statistics over all devices. On by default under
     torchrun on GPUs (SyncBatchNorm); not for one process, CPU processes or --no-sync-bn."""
