@@ -1,10 +1,13 @@
-"""The lecture's claims, each turned into a small sweep and a table.
+"""The lecture's claims, and each method's departures from its paper, each turned into a
+small sweep and a table.
 
-    python benchmarks/claims.py                              # all claims, 3 seeds, built-in data (~2.5 h, 2 CPU cores)
+    python benchmarks/claims.py                              # all claims and departures, 3 seeds, built-in data (~5 h, 2 CPU cores)
     python benchmarks/claims.py --claims moco_queue moco_momentum --epoch-scale 0.5 --seeds 2
     python benchmarks/claims.py --extra "--dataset folder --data-dir /tmp/cifar10-jpg" --out runs/claims-cifar
 
-Every row is the method's own script with the flags shown (a subprocess, as a user
+A departure's table sets the method's default (the paper's method, scaled down) beside
+its opt-in variants (ours, or from later work), so each variant's measured effect is on
+record. Every row is the method's own script with the flags shown (a subprocess, as a user
 runs it), run with --seeds seeds (0, 1, ...) and evaluated with the common protocol;
 a row shared by two claims runs once. A stopped sweep goes on where it stopped when
 the same command is given again: finished runs are read from their eval.json, a run
@@ -26,12 +29,13 @@ import math
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from registry import run_script  # noqa: E402
+from registry import provenance, run_script  # noqa: E402
 
 # claim -> (what the lecture says, [(row label, method, flags)], verdict(results by label) -> str)
 
@@ -159,6 +163,25 @@ def _split_brain(r):
                     "split-brain's features gain more than colorization's")
 
 
+def _departure(r):
+    """Each opt-in row against the default (the first row), by the gain over each one's own
+    random init (a variant may change the random-init network too), or by J for videos."""
+    rows = list(r.items())
+    (_, base), others = rows[0], rows[1:]
+    keys = (("J", "J"),) if "J" in base.runs[0] else tuple(("gain_" + key, name + " gain") for key, name in METRICS)
+    parts = []
+    for label, row in others:
+        for key, name in keys:
+            if beats(row, base, key):
+                word = "above"
+            elif beats(base, row, key):
+                word = "below"
+            else:
+                word = "within the spread of"
+            parts.append(f"{label}: {name} {row.show(key)}, {word} the default's {base.show(key)}")
+    return "; ".join(parts)
+
+
 CLAIMS = {
     "rotation_angles": ("Rotation: four angles (0, 90, 180, 270) work better than 2 or 8 (Gidaris et al. Table 2).",
                         [("2 angles", "rotation", ["--angles", "2"]), ("4 angles", "rotation", ["--angles", "4"]),
@@ -194,6 +217,50 @@ CLAIMS = {
                                     _split_brain),
 }
 
+# Departures: the default first, then what is ours or from later work (opt-in flags).
+DEPARTURES = {
+    "split_brain_halves": ("Split-brain: the paper's half-width halves (default) against ours: each half a whole "
+                           "network, at the same wall time (15 epochs), with and without F2's turned hues.",
+                           [("half-width halves (paper)", "split_brain", []),
+                            ("whole-network halves", "split_brain", ["--halves", "full", "--epochs", "15"]),
+                            ("whole-network halves, turned hues", "split_brain",
+                             ["--halves", "full", "--turn-hues", "--epochs", "15"])], _departure),
+    "patch_location_guards": ("Patch location: the released code's colour dropping and random downsampling "
+                              "(default) against neither.",
+                              [("colour dropping, downsampling (released code)", "patch_location", []),
+                               ("no colour dropping", "patch_location", ["--chroma", "none"]),
+                               ("no downsampling", "patch_location", ["--downsample", "0"])], _departure),
+    "jigsaw_permutations": ("Jigsaw: the paper's Algorithm 1 (largest average Hamming distance, default) against "
+                            "ours (largest minimum distance first).",
+                            [("average (Algorithm 1)", "jigsaw", []),
+                             ("minimum first", "jigsaw", ["--perm-rule", "minimum"])], _departure),
+    "inpainting_holes": ("Inpainting: random regions with L2 over the whole output (default, the released "
+                         "code's random-hole training) against the paper's eq. 1 (the hole only) and the other "
+                         "holes.",
+                         [("region, whole output (released code)", "inpainting", []),
+                          ("region, the hole only (eq. 1)", "inpainting", ["--context-weight", "0"]),
+                          ("random blocks", "inpainting", ["--mask", "blocks"]),
+                          ("central square", "inpainting", ["--mask", "center"])], _departure),
+    "colorization_optimizer": ("Colorization: the paper's Adam (beta2 0.99, weight decay 1e-3; default) against "
+                               "PyTorch's defaults (beta2 0.999, no weight decay).",
+                               [("paper's", "colorization", []),
+                                ("PyTorch's defaults", "colorization", ["--beta2", "0.999", "--weight-decay", "0"])],
+                               _departure),
+    "simclr_head": ("SimCLR: the released code's head (batch norm after both layers; default) against the plain "
+                    "MLP of the paper's text.",
+                    [("released code's head", "simclr", []), ("plain MLP", "simclr", ["--no-proj-bn"])], _departure),
+    "moco_settings": ("MoCo: the paper's lr for batch 256 (0.03; default) against the demo's 0.06, and the "
+                      "paper's v1 augmentation against the demo's.",
+                      [("lr 0.03, demo augmentation", "moco", []), ("lr 0.06", "moco", ["--lr", "0.06"]),
+                       ("v1 augmentation", "moco", ["--augmentation", "v1"])], _departure),
+    "video_pointer": ("Video colorization: the paper's pointer over all reference locations (default) against "
+                      "later work's limits when tracking (top 10, within 4 cells).",
+                      [("all locations (paper)", "video_colorization", []),
+                       ("top-k 10, radius 4", "video_colorization", ["--topk", "10", "--radius", "4"])],
+                      _departure),
+}
+SWEEPS = {**CLAIMS, **DEPARTURES}
+
 
 def _pretext(row: Row):
     """Every pretext_* figure of eval.json, named by the rest of its key."""
@@ -206,17 +273,20 @@ def render(record: dict) -> str:
     """The markdown tables, one per claim: mean ± standard deviation over the seeds, and the verdict."""
     text = []
     for claim, results in record.items():
-        says, _, verdict = CLAIMS[claim]
+        says, _, verdict = SWEEPS[claim]
         rows = {label: Row(r["runs"]) for label, r in results.items()}
         seeds = min(row.n for row in rows.values())
-        lines = [f"### {claim}", "", f"Lecture: {says}", "",
+        video = "J" in next(iter(rows.values())).runs[0]
+        figures = (("J", "J random init", "J first mask copied") if video else
+                   ("kNN", "kNN random init", "linear", "linear random init"))
+        keys = ("J", "J_random_init", "J_copy_first") if video else \
+            ("knn_top1", "random_knn_top1", "linear_top1", "random_linear_top1")
+        lines = [f"### {claim}", "", f"{'Departure' if claim in DEPARTURES else 'Lecture'}: {says}", "",
                  f"Mean ± standard deviation over {seeds} seed{'s' if seeds > 1 else ''} (`--seed` 0 to {seeds - 1}).",
-                 "", "| run | command | pretext | kNN | kNN random init | linear | linear random init |",
-                 "|---|---|---|---|---|---|---|"]
+                 "", "| run | command | pretext | " + " | ".join(figures) + " |", "|---" * (3 + len(figures)) + "|"]
         for label, row in rows.items():
             lines.append(f"| {label} | `{results[label]['command']}` | {', '.join(_pretext(row))} | "
-                         f"{row.show('knn_top1')} | {row.show('random_knn_top1')} | {row.show('linear_top1')} | "
-                         f"{row.show('random_linear_top1')} |")
+                         + " | ".join(row.show(key) for key in keys) + " |")
         text += lines + ["", f"Measured: {verdict(rows)}.", ""]
     return "\n".join(text) + "\n"
 
@@ -248,8 +318,8 @@ def run_seed(method: str, argv: list[str], run: Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS), metavar="CLAIM",
-                   help=f"which claims (default: all: {' '.join(CLAIMS)})")
+    p.add_argument("--claims", nargs="+", default=list(SWEEPS), choices=list(SWEEPS), metavar="CLAIM",
+                   help=f"which claims and departures (default: all: {' '.join(SWEEPS)})")
     p.add_argument("--epoch-scale", type=float, default=1.0,
                    help="each method's default epochs times this (rounded up), for a quicker or longer sweep")
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (0 to N-1): tables show mean ± standard "
@@ -260,21 +330,27 @@ def main(argv=None):
                                                           "<out>/results.json (after a change to the verdicts)")
     a = p.parse_args(argv)
     out = Path(a.out or f"runs/claims-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    if a.render:
+    started = time.time()
+    if a.render:  # the tables anew; the provenance line of the sweep that measured them stays
         record = json.loads((out / "results.json").read_text())
-        (out / "claims.md").write_text(render(record))
+        made = [line for line in (out / "claims.md").read_text().splitlines() if line.startswith("Made by commit")] \
+            if (out / "claims.md").is_file() else []
+        (out / "claims.md").write_text(render(record) + "".join(f"\n{line}\n" for line in made[-1:]))
         print(render(record), flush=True)
         return record
     out.mkdir(parents=True, exist_ok=True)
     done: dict[tuple, dict] = {}  # (method, flags) -> the runs; a row shared by two claims runs once
     record = {}
     for claim in a.claims:
-        _, rows, _ = CLAIMS[claim]
+        _, rows, _ = SWEEPS[claim]
         results = {}
         for label, method, flags in rows:
             module = importlib.import_module(method)
-            epochs = math.ceil(module.Args.epochs * a.epoch_scale)
-            argv_run = [*flags, "--epochs", str(epochs), *a.extra.split()]
+            own = module.Args.epochs
+            if "--epochs" in flags:  # a row's own epochs (a variant given the default's time), scaled as well
+                i = flags.index("--epochs")
+                own, flags = int(flags[i + 1]), flags[:i] + flags[i + 2:]
+            argv_run = [*flags, "--epochs", str(math.ceil(own * a.epoch_scale)), *a.extra.split()]
             key = (method, tuple(argv_run))
             if key not in done:
                 folder = out / f"{method}-{len(done):02d}"
@@ -290,7 +366,7 @@ def main(argv=None):
             if grid.is_file():  # the pictures behind the inpainting and colorization claims (seed 0)
                 shutil.copy(grid, out / f"{claim}-{label.split(' (')[0].replace(' ', '_').replace('+', 'and')}.png")
         record[claim] = results
-        (out / "claims.md").write_text(render(record))  # kept, table by table, if stopped midway
+        (out / "claims.md").write_text(render(record) + "\n" + provenance(started) + "\n")  # kept if stopped midway
         (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         print(render({claim: results}), flush=True)
     return record

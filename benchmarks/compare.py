@@ -22,13 +22,14 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-from registry import METHODS, run_script  # noqa: E402
+from registry import METHODS, provenance, run_script  # noqa: E402
 
 
 def parse(argv=None):
@@ -89,7 +90,7 @@ def _cost(r: dict) -> list[str]:
     return [f"{r.get('train_images_per_s', 0):.0f}", f"{r['wall_s']:.0f} s", memory]
 
 
-def table(rows: list[dict], a) -> str:
+def table(rows: list[dict], a, started: float | None = None) -> str:
     size = f"{a.image_size} px" if a.image_size else "each method's default size"
     budget = (f"{a.epochs} epochs" if a.epochs else "each method's default epochs") + \
         (f", at most {a.max_steps} steps" if a.max_steps else "")
@@ -125,6 +126,8 @@ def table(rows: list[dict], a) -> str:
                 f"{r['method']} ({r['videos']} videos, {r['objects']} objects)", f"{r['pretext_top1']:.3f}",
                 f"{r['J']:.3f}", f"{r['J_random_init']:.3f}", f"{r['J_copy_first']:.3f}",
                 f"{r['J'] - r['J_random_init']:+.3f}", *_cost(r)]) + " |")
+    if started is not None:
+        lines += ["", provenance(started)]
     return "\n".join(lines) + "\n"
 
 
@@ -135,12 +138,13 @@ def main(argv=None):
     if taken:  # each method would refuse to overwrite its run: say so once, before anything runs
         common.fail(f"--out {out} holds runs of an earlier compare ({', '.join(taken)}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     rows = []
     for method in a.methods:
         rows.append(run_method(method, a, out))
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")  # kept if stopped midway
         print(f"[compare] {method}: {rows[-1]['status']}", flush=True)
-    text = table(rows, a)
+    text = table(rows, a, started)
     (out / "table.md").write_text(text)
     print(text, flush=True)
     return rows

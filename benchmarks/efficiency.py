@@ -39,7 +39,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from registry import METHODS  # noqa: E402
+from registry import METHODS, provenance  # noqa: E402
 
 WARM = 3  # steps before the timed ones: allocations and caches settle
 
@@ -229,6 +229,7 @@ def main(argv=None):
     if a.steps < WARM + 3:
         common.fail(f"--steps must be at least {WARM + 3}: {WARM} to warm up, 2 to time, 1 to record")
     device = common.pick_device(a.device)
+    started = time.time()
     lines = [f"Backbone {a.backbone}, device {device}, each method's default sizes and batch, built-in data; "
              f"{a.steps} steps a run, {a.repeats} runs a method.", "",
              "| method | networks replayed (one step) | method ms/step | networks ms/step | ratio (range) |",
@@ -248,7 +249,7 @@ def main(argv=None):
             rows = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
             lines += rows
             print("\n".join(rows), flush=True)
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n" + provenance(started) + "\n"
     print("\n" + text)
     if a.out:
         Path(a.out).write_text(text)

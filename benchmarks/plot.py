@@ -9,14 +9,18 @@ gain.png: each image method's kNN and linear accuracy minus its own random-init
 encoder's, the mean over the compare folders given (one per seed) with their standard
 deviation as error bars. curves.png: each method's kNN monitor (log.jsonl) against the
 share of its training done, the random-init encoder's kNN at 0, all on one axis (the
-mean over the folders). Also prints the accuracies as a markdown table, mean ± standard
-deviation over the folders. Needs matplotlib (pip install matplotlib), which nothing else
-in the project does.
+mean over the folders). Also the pictures the runs drew, from the first folder:
+neighbours_<method>.png, <method>_grid.png (inpainting, colorization, split-brain) and
+video_colorization_strip.png. Prints the accuracies as a markdown table, mean ± standard
+deviation over the folders, with each method's median wall time, and writes it to
+<out>/compare_table.md. Needs matplotlib (pip install matplotlib), which nothing else in
+the project does.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +35,8 @@ def load(folders: list[Path]) -> dict:
     """method -> list (one per folder) of {"eval": eval.json, "curve": [(share of training, kNN)]}."""
     found = {}
     for folder in folders:
+        walls = {r["method"]: r.get("wall_s") for r in json.loads((folder / "results.json").read_text())} \
+            if (folder / "results.json").is_file() else {}
         for method in METHODS:
             run = folder / method
             if not (run / "eval.json").is_file():
@@ -41,7 +47,7 @@ def load(folders: list[Path]) -> dict:
             epochs = json.loads((run / "config.json").read_text())["epochs"]
             records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
             curve = [(r["epoch"] / epochs, r["knn_top1"]) for r in records if "knn_top1" in r and "event" not in r]
-            found.setdefault(method, []).append({"eval": result, "curve": curve})
+            found.setdefault(method, []).append({"eval": result, "curve": curve, "wall_s": walls.get(method)})
     return found
 
 
@@ -53,8 +59,8 @@ def table(found: dict) -> str:
     """Markdown: each method's accuracies as mean ± standard deviation over the folders."""
     seeds = min(len(r) for r in found.values())
     lines = [f"Mean ± standard deviation over {seeds} compare run{'s' if seeds > 1 else ''} (seeds).", "",
-             "| method | kNN | kNN random init | linear | linear random init | gain kNN / linear |",
-             "|---|---|---|---|---|---|"]
+             "| method | wall time (median) | kNN | kNN random init | linear | linear random init | gain kNN / linear |",
+             "|---|---|---|---|---|---|---|"]
     for method in METHODS:
         if method not in found:
             continue
@@ -66,7 +72,9 @@ def table(found: dict) -> str:
         cells = [show([r[k] for r in runs]) for k in ("knn_top1", "random_knn_top1", "linear_top1",
                                                         "random_linear_top1")]
         gains = [show([r[k] - r["random_" + k] for r in runs], "+") for k in ("knn_top1", "linear_top1")]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {gains[0]} / {gains[1]} |")
+        walls = [r["wall_s"] for r in found[method] if r["wall_s"] is not None]
+        wall = f"{statistics.median(walls):.0f} s" if walls else "-"
+        lines.append(f"| {method} | {wall} | " + " | ".join(cells) + f" | {gains[0]} / {gains[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +121,18 @@ def plot_curves(found: dict, path: Path, plt):
     fig.savefig(path, dpi=120)
 
 
+def copy_pictures(folder: Path, out: Path) -> list[str]:
+    """The pictures of one compare folder's runs, renamed by method, into `out`."""
+    copied = []
+    for method in (*METHODS, "video_colorization"):
+        for name, target in (("neighbours.png", f"neighbours_{method}.png"), ("grid.png", f"{method}_grid.png"),
+                             ("strip.png", f"{method}_strip.png")):
+            if (folder / method / name).is_file():
+                shutil.copy(folder / method / name, out / target)
+                copied.append(target)
+    return copied
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="+", type=Path, help="compare.py output folders (one per seed)")
@@ -130,7 +150,11 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     plot_gain(found, a.out / "gain.png", plt)
     plot_curves(found, a.out / "curves.png", plt)
-    print(table(found))
+    copied = copy_pictures(a.folders[0], a.out)
+    text = table(found)
+    (a.out / "compare_table.md").write_text(text)
+    print(text)
+    print(f"copied from {a.folders[0]}: {', '.join(copied) or 'no pictures'}")
     print(f"wrote {a.out / 'gain.png'} and {a.out / 'curves.png'} from {len(a.folders)} compare folder(s): "
           f"{', '.join(f'{m} x{len(r)}' for m, r in found.items())}")
     return found

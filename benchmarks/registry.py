@@ -63,6 +63,28 @@ def _wait(proc, timeout: float):
     raise subprocess.TimeoutExpired(proc.args, timeout)
 
 
+def provenance(started: float) -> str:
+    """One line that says what made a table: the commit (and whether the tree had changes
+    beside it), date, torch version, the machine's processor or GPU, threads, wall time."""
+    import datetime
+    import platform
+    import torch
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    if torch.cuda.is_available():
+        hardware = torch.cuda.get_device_name(0)
+    else:
+        cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+        hardware = f"{cpu[0] if cpu else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    wall = time.time() - started
+    return (f"Made by commit {commit or 'unknown'}{' with uncommitted changes' if dirty else ''}, "
+            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {hardware}, "
+            f"{torch.get_num_threads()} threads, {wall / 60:.0f} min wall time.")
+
+
 if __name__ == "__main__":
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(" ".join(METHODS))
