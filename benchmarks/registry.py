@@ -71,8 +71,8 @@ def provenance(started: float) -> str:
     import torch
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh",
+                            "requirements.txt"], capture_output=True, text=True).stdout.strip()  # the code, not docs
     if torch.cuda.is_available():
         hardware = torch.cuda.get_device_name(0)
     else:
@@ -80,7 +80,7 @@ def provenance(started: float) -> str:
                if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
         hardware = f"{cpu[0] if cpu else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     wall = time.time() - started
-    return (f"Made by commit {commit or 'unknown'}{' with uncommitted changes' if dirty else ''}, "
+    return (f"Made by commit {commit or 'unknown'}{' with uncommitted changes to the code' if dirty else ''}, "
             f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {hardware}, "
             f"{torch.get_num_threads()} threads, {wall / 60:.0f} min wall time.")
 
