@@ -230,10 +230,12 @@ DEPARTURES = {
                               [("colour dropping, downsampling (released code)", "patch_location", []),
                                ("no colour dropping", "patch_location", ["--chroma", "none"]),
                                ("no downsampling", "patch_location", ["--downsample", "0"])], _departure),
-    "jigsaw_permutations": ("Jigsaw: the paper's Algorithm 1 (largest average Hamming distance, default) against "
-                            "ours (largest minimum distance first).",
-                            [("average (Algorithm 1)", "jigsaw", []),
-                             ("minimum first", "jigsaw", ["--perm-rule", "minimum"])], _departure),
+    "jigsaw_departures": ("Jigsaw: the default (the paper's Algorithm 1, 14 px tiles in 21 px cells) against ours "
+                          "(the largest minimum Hamming distance first) and against the paper's tile proportion "
+                          "(18 px tiles, gaps of 0 to 6 px).",
+                          [("Algorithm 1, 14 px tiles", "jigsaw", []),
+                           ("minimum distance first", "jigsaw", ["--perm-rule", "minimum"]),
+                           ("18 px tiles (the paper's proportion)", "jigsaw", ["--tile", "18"])], _departure),
     "inpainting_holes": ("Inpainting: random regions with L2 over the whole output (default, the released "
                          "code's random-hole training) against the paper's eq. 1 (the hole only) and the other "
                          "holes.",
@@ -246,13 +248,18 @@ DEPARTURES = {
                                [("paper's", "colorization", []),
                                 ("PyTorch's defaults", "colorization", ["--beta2", "0.999", "--weight-decay", "0"])],
                                _departure),
-    "simclr_head": ("SimCLR: the released code's head (batch norm after both layers; default) against the plain "
-                    "MLP of the paper's text.",
-                    [("released code's head", "simclr", []), ("plain MLP", "simclr", ["--no-proj-bn"])], _departure),
-    "moco_settings": ("MoCo: the paper's lr for batch 256 (0.03; default) against the demo's 0.06, and the "
-                      "paper's v1 augmentation against the demo's.",
-                      [("lr 0.03, demo augmentation", "moco", []), ("lr 0.06", "moco", ["--lr", "0.06"]),
-                       ("v1 augmentation", "moco", ["--augmentation", "v1"])], _departure),
+    "simclr_departures": ("SimCLR: the defaults (the released code's head, smallest crop 0.5, temperature 0.2) "
+                          "against the plain MLP of the paper's text, and against the paper's CIFAR-10 crop and "
+                          "temperature (0.08, 0.5).",
+                          [("defaults", "simclr", []), ("plain MLP head", "simclr", ["--no-proj-bn"]),
+                           ("smallest crop 0.08, temperature 0.5", "simclr",
+                            ["--min-crop", "0.08", "--temperature", "0.5"])], _departure),
+    "moco_departures": ("MoCo: the defaults (lr 0.03 for batch 256 as the paper, the demo's augmentation, "
+                        "smallest crop 0.5) against the demo's lr 0.06, the paper's v1 augmentation, and the "
+                        "demo's smallest crop 0.08.",
+                        [("defaults", "moco", []), ("lr 0.06", "moco", ["--lr", "0.06"]),
+                         ("v1 augmentation", "moco", ["--augmentation", "v1"]),
+                         ("smallest crop 0.08", "moco", ["--min-crop", "0.08"])], _departure),
     "video_pointer": ("Video colorization: the paper's pointer over all reference locations (default) against "
                       "later work's limits when tracking (top 10, within 4 cells).",
                       [("all locations (paper)", "video_colorization", []),
