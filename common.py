@@ -252,8 +252,33 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
+WRITE_FAILED = 3  # exit code: a file of the run could not be written (a full disk, a quota, a read-only folder)
+
+
 def fail(message: str, code: int = 2):
     raise RunError(message, code)
+
+
+class WriteFailed(RunError):
+    """A file could not be written: its name, the error, the free space left; exit code 3."""
+
+    def __init__(self, path: Path, error: Exception):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        why = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0][:200]
+        super().__init__(f"could not write {path}: {why} ({free})", WRITE_FAILED)
+
+
+_WARNED: set = set()
+
+
+def warn_once(key: str, message: str):
+    """One warning line for `key` in this process, however often it comes up."""
+    if key not in _WARNED and os.environ.get("RANK", "0") == "0":
+        _WARNED.add(key)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _leave(signum, frame):
@@ -373,21 +398,64 @@ def _resize_in_chunks(images: torch.Tensor, size: int, chunk: int = 2000) -> tor
 def read_image(path) -> torch.Tensor:
     """One image file as RGB uint8 (3, H, W). PIL reads the header first, so its
     decompression-bomb guard refuses files of more than about 179 M pixels before any
-    pixel is decoded; JPEG and PNG are then decoded by torchvision.io (faster than PIL:
-    benchmarks/data_pipeline.py), other formats by PIL. Raises what PIL or torchvision
-    raise for a file they cannot decode (OSError, DecompressionBombError, RuntimeError, ...)."""
+    pixel is decoded; JPEG and PNG are then decoded by the fastest decoder at hand
+    (jpeg_decoder(): TorchCodec when installed, else torchvision.io; benchmarks/
+    data_pipeline.py measures them), other formats by PIL. Raises what they raise for a
+    file they cannot decode (OSError, DecompressionBombError, RuntimeError, ...)."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
     with Image.open(path) as im:
         if im.format not in ("JPEG", "PNG"):
             return pil_to_tensor(im.convert("RGB"))
-    import torchvision.io as tvio
-    with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        x = tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+    x = DECODERS[jpeg_decoder()](path)
     if x.dtype != torch.uint8:  # 16-bit PNG
         x = (x.float() / 257).round().to(torch.uint8)
     return x
+
+
+def _decode_torchcodec(path) -> torch.Tensor:
+    from torchcodec.decoders import decode_image
+    return decode_image(str(path), mode="RGB")
+
+
+def _decode_torchvision(path) -> torch.Tensor:
+    import torchvision.io as tvio
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec: said once
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return tvio.decode_image(tvio.read_file(str(path)), mode=tvio.ImageReadMode.RGB)
+
+
+def _decode_pil(path) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    with Image.open(path) as im:
+        return pil_to_tensor(im.convert("RGB"))
+
+
+DECODERS = {"torchcodec": _decode_torchcodec, "torchvision": _decode_torchvision, "pil": _decode_pil}
+
+
+@functools.lru_cache(maxsize=None)
+def jpeg_decoder() -> str:
+    """Which decoder reads JPEG and PNG files, chosen once: TorchCodec when it is installed
+    and works (torchvision 0.29 deprecates its own decoders in its favour), else
+    torchvision.io while it has them, else PIL. SSL_DECODER=torchcodec|torchvision|pil
+    forces one (the tests run each)."""
+    forced = os.environ.get("SSL_DECODER", "")
+    if forced:
+        if forced not in DECODERS:
+            fail(f"SSL_DECODER must be one of {', '.join(DECODERS)}, not {forced}")
+        return forced
+    try:
+        from torchcodec.decoders import decode_image  # noqa: F401
+        return "torchcodec"
+    except Exception:  # not installed, or its libraries do not load here
+        pass
+    try:
+        import torchvision.io as tvio
+        return "torchvision" if hasattr(tvio, "decode_image") else "pil"
+    except ImportError:
+        return "pil"
 
 
 def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -433,13 +501,11 @@ class WholeImages:
 
 
 def collate_whole(batch):
-    """Collate (image, label) pairs of images of any size: a plain (N, 3, S, S) batch when
-    they are all one square size, else WholeImages (padded to the largest)."""
+    """Collate (image, label) pairs of whole images of any size into WholeImages (padded to
+    the largest). Run.to_device crops them, or, when they all are --image-size squares
+    already, takes them as they are."""
     images, labels = zip(*batch)
     labels = torch.as_tensor(labels)
-    shapes = {tuple(x.shape) for x in images}
-    if len(shapes) == 1 and images[0].shape[-1] == images[0].shape[-2]:
-        return torch.stack(images), labels
     h, w = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
     pixels = torch.empty(len(images), 3, h, w, dtype=images[0].dtype)
     for i, x in enumerate(images):
@@ -596,13 +662,21 @@ TEST_SPLITS = ("val", "test", "valid", "validation")  # the first one beside tra
 
 
 def _scan_folder(root: Path):
-    """(class names, [(path, class index)]) of root/<class>/**/<image>; hidden folders skipped."""
+    """(class names, [(path, class index)]) of root/<class>/**/<image>; hidden folders skipped.
+    A class folder without images is refused, as torchvision's ImageFolder refuses it: it
+    would be a class the evaluation can never see."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    samples = []
+    samples, empty = [], []
     for k, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.parts):
-                samples.append((str(p), k))
+        found = [(str(p), k) for p in sorted((root / name).rglob("*"))
+                 if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.parts)]
+        samples += found
+        if not found:
+            empty.append(name)
+    if empty and len(empty) < len(classes):
+        fail(f"{root}: {len(empty)} class folder(s) without images: {', '.join(empty[:5])}"
+             f"{' ...' if len(empty) > 5 else ''} (torchvision's ImageFolder refuses them too); remove them or add "
+             f"images")
     return classes, samples
 
 
@@ -635,7 +709,8 @@ def folder_splits(root: Path):
             fail(f"{root / test_dir} has classes that {root / train_dir} lacks: "
                  f"{sorted(set(test_classes) - set(index))[:5]}")
         test = [(p, index[test_classes[k]]) for p, k in test]
-        where = (f"({train_dir}/)", f"({test_dir}/)")
+        where = (f"({train_dir}/)", f"({test_dir}/" + (f", {len(test_classes)} of the classes" if
+                                                        len(test_classes) < len(classes) else "") + ")")
     elif splits:
         hint = (f"a {', '.join(s + '/' for s in splits)} folder but no "
                 f"{'val/ or test/' if train_dir else 'train/'} beside it")
@@ -1229,7 +1304,7 @@ def save_neighbours(path: Path, data: ImageData, trained: tuple, random: tuple, 
     # a white band between the trained block (top) and the random-init block (bottom)
     half = grid.shape[1] // 2
     grid = torch.cat([grid[:, :half], torch.ones(3, 6, grid.shape[2]), grid[:, half:]], dim=1)
-    vutils.save_image(grid, path)
+    save_picture(path, grid, padding=0)
 
 
 def _framed(image: torch.Tensor, colour, width: int = 2) -> torch.Tensor:
@@ -1314,7 +1389,7 @@ class Run:
 
     def __init__(self, args, method: str):
         self.args, self.method = args, method
-        self._old_handlers, self._log_file = {}, None  # close() may run before __init__ is through
+        self._old_handlers, self._log_file, self._lock = {}, None, None  # close() may run before __init__ is through
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -1341,13 +1416,20 @@ class Run:
         self.checkpoint_path = self.out / "checkpoint.pt"
         self._saved = (self._resume_state["step"], self.resume_from) if self._resume_state else None
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                fail(f"cannot make the run folder {self.out}: {e.strerror}", code=WRITE_FAILED)
+            self._lock = _lock_folder(self.out)  # before anything is written: one run per folder
             self._write_config()
             copy_log = self.resume_from and self.out.resolve() != self.resume_from.resolve()
-            if copy_log and (self.resume_from / "log.jsonl").is_file():
-                shutil.copyfile(self.resume_from / "log.jsonl", self.out / "log.jsonl")
-            # A new run owns its folder: a log left by a run that never saved a checkpoint goes.
-            self._log_file = open(self.out / "log.jsonl", "a" if args.resume else "w")
+            try:
+                if copy_log and (self.resume_from / "log.jsonl").is_file():
+                    shutil.copyfile(self.resume_from / "log.jsonl", self.out / "log.jsonl")
+                # A new run owns its folder: a log left by a run that never saved a checkpoint goes.
+                self._log_file = open(self.out / "log.jsonl", "a" if args.resume else "w")
+            except OSError as e:
+                raise WriteFailed(self.out / "log.jsonl", e) from None
 
         self.step = self.epoch = self.steps_per_epoch = self.total_steps = self.last_step = 0  # set by steps()
         self.stop_signal, self._in_steps = 0, False
@@ -1450,8 +1532,12 @@ class Run:
 
     def _write_log(self, record: dict):
         if self._log_file:
-            self._log_file.write(json.dumps(record) + "\n")
-            self._log_file.flush()
+            try:
+                self._log_file.write(json.dumps(record) + "\n")
+                self._log_file.flush()
+            except OSError as e:  # a full disk: the progress is still printed; the checkpoint says what it can
+                warn_once("log", f"{WriteFailed(self.out / 'log.jsonl', e)}; the run goes on, printing its progress, "
+                                 f"without log.jsonl")
 
     def check_finite(self, loss: torch.Tensor):
         """Stop (exit code 1) when the loss is NaN or infinite, before it reaches the weights.
@@ -1605,7 +1691,10 @@ class Run:
                      for name, part in parts.items()}
             state.update(epoch=step // self.steps_per_epoch, step=step, method=self.method, world=self.world,
                          args=dataclasses.asdict(self.args), rng=rngs)
-            _write_atomic(self.checkpoint_path, lambda f: torch.save(state, f))
+            try:
+                _write_atomic(self.checkpoint_path, lambda f: torch.save(state, f))
+            except WriteFailed as e:  # the last good checkpoint stays as it was
+                fail(f"{e}; stopping at step {step}, {self._kept()}", code=WRITE_FAILED)
         self._saved, self._last_save = (step, self.out), time.time()
 
     def _restore(self, parts: dict) -> int:
@@ -1635,9 +1724,16 @@ class Run:
         return state["step"]
 
     def save_encoder(self, backbone: nn.Module, name: str = "encoder.pt"):
+        self.save(unwrap(backbone).state_dict(), name)
+
+    def save(self, obj, name: str):
+        """torch.save(obj) as the run folder's file `name`, atomically, on the first process. A
+        failed write ends the run (exit code 3); the checkpoint already written is kept."""
         if self.is_main:
-            sd = unwrap(backbone).state_dict()
-            _write_atomic(self.out / name, lambda f: torch.save(sd, f))
+            try:
+                _write_atomic(self.out / name, lambda f: torch.save(obj, f))
+            except WriteFailed as e:
+                fail(f"{e}; {self._kept()}", code=WRITE_FAILED)
 
     # -- data, models, end --------------------------------------------------------
     def loader(self, dataset: Dataset, train: bool = True) -> DataLoader:
@@ -1670,9 +1766,13 @@ class Run:
 
     def to_device(self, images, whole: bool = False):
         """A uint8 batch from the loader -> float in [0, 1] on this run's device. Whole images
-        of different sizes (image folders) become --image-size squares, each a random crop of
-        --min-crop to all of its image's area (RandomResizedCrop), unless `whole`: then they
-        stay WholeImages (uint8), for a method that crops them itself (SimCLR's, MoCo's views)."""
+        (image folders) become --image-size squares, each a random crop of --min-crop to all
+        of its image's area (RandomResizedCrop), square photos or not, larger or smaller than
+        --image-size; unless `whole`: then they stay WholeImages (uint8), for a method that
+        crops them itself (SimCLR's, MoCo's views). Only a batch of --image-size squares
+        (CIFAR-10 at 32 px) is taken as it is, as a plain batch."""
+        if isinstance(images, WholeImages) and bool((images.sizes == self.args.image_size).all()):
+            images = images.pixels  # already --image-size squares: no padding, nothing to crop
         if not isinstance(images, WholeImages):
             return to_float(images, self.device)
         x = WholeImages(images.pixels.to(self.device, non_blocking=True), images.sizes.to(self.device))
@@ -1703,7 +1803,11 @@ class Run:
                 results.update(train_seconds=seconds, train_images_per_s=self._images_total / max(seconds, 1e-9))
             if self.cuda:
                 results["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-            _write_atomic(self.out / "eval.json", lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
+            try:
+                _write_atomic(self.out / "eval.json", lambda f: f.write_text(json.dumps(results, indent=2) + "\n"))
+            except WriteFailed as e:
+                fail(f"{e}; the trained encoder is in {self.out / 'encoder.pt'}, and --resume {self.out} evaluates "
+                     f"it again", code=WRITE_FAILED)
             line = [f"{self.method} done"]
             for key in ("knn_top1", "linear_top1"):
                 if key in results:
@@ -1720,17 +1824,84 @@ class Run:
             signal.signal(sig, handler)
         self._old_handlers = {}
         if self._log_file:
-            self._log_file.close()
+            try:
+                self._log_file.close()
+            except OSError:  # the last lines could not be flushed to a full disk: warned already
+                pass
             self._log_file = None
+        if self._lock:
+            self._lock.close()  # the folder is free for the next run
+            self._lock = None
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _lock_folder(out: Path):
+    """Hold the run folder for as long as this run lives: an exclusive flock on out/.lock,
+    which the OS releases when the process ends however it ends (a crash, kill -9), so no
+    stale lock is ever left. A second run on the folder, new or --resume, refuses at once,
+    naming the process that holds it. (No lock where fcntl is missing: Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    import socket
+    try:
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise WriteFailed(out / ".lock", e) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid, host = (f.read().split() + ["?", "?"])[:2]
+        f.close()
+        fail(f"run folder {out} is in use by process {pid} on host {host}; wait for that run to end, or give "
+             f"another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def _write_atomic(path: Path, write):
-    """write(tmp_path), then rename over `path`: a crash never leaves half a file."""
+    """write(tmp_path), then rename over `path`: a crash never leaves half a file. Every file a
+    run writes goes through here. A write that fails (OSError: a full disk, a quota; or
+    torch.save's RuntimeError when its writer cannot write) leaves `path` as it was, removes
+    the temporary file and raises WriteFailed (exit code 3) naming the file, the error and
+    the free space left."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_write_error(e):
+            raise
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise WriteFailed(path, e) from None
+
+
+def _is_write_error(e: RuntimeError) -> bool:
+    """torch.save reports a failed write as a RuntimeError from its C++ writer."""
+    text = str(e)
+    return any(s in text for s in ("PytorchStreamWriter", "inline_container", "unexpected pos", "file write failed"))
+
+
+def save_picture(path: Path, images: torch.Tensor, nrow: int = 8, padding: int = 1) -> bool:
+    """A PNG of `images` (a batch, laid out in a grid, or one image), written atomically. A
+    picture that cannot be written is a warning, not the end of the run: the checkpoint
+    and the encoder are written apart from it. Returns whether it was written."""
+    import torchvision.utils as vutils
+    try:
+        _write_atomic(Path(path), lambda f: vutils.save_image(images, f, nrow=nrow, padding=padding, format="png"))
+        return True
+    except WriteFailed as e:
+        warn_once(f"picture {path}", f"{e}; the run goes on without this picture")
+        return False
 
 
 @torch.no_grad()

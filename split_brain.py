@@ -332,7 +332,6 @@ def test_errors(model, dataset, bins, args, device, batch_size=256) -> dict:
 @torch.no_grad()
 def save_grid(model, dataset, bins, args, device, path, n: int = 8):
     """Rows: original; L with F1's ab (L -> ab); true ab at L = 50 (F2's input); F2's L with the true ab."""
-    import torchvision.utils as vutils
     x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
     was_training = model.training
     model.eval()
@@ -344,7 +343,7 @@ def save_grid(model, dataset, bins, args, device, path, n: int = 8):
             common.lab_to_rgb(torch.cat([torch.full_like(lab[:, :1], 50), lab[:, 1:]], 1)),
             common.lab_to_rgb(torch.cat([L_hat, lab[:, 1:]], 1))]
     model.train(was_training)
-    vutils.save_image(torch.cat(rows), path, nrow=n, padding=1)
+    common.save_picture(path, torch.cat(rows), nrow=n)
 
 
 def main(argv=None):

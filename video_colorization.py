@@ -272,7 +272,7 @@ def train(args: Args):
     run.save_encoder(net.backbone)
     run.save_encoder(net, "embedder.pt")
     if run.is_main:  # after the loop: a resumed run's centres are the checkpoint's
-        torch.save(centres.cpu(), run.out / "colour_clusters.pt")
+        run.save(centres.cpu(), "colour_clusters.pt")
     if not run.is_main:
         return run.close()
     results = {"steps": run.step, "clusters": args.clusters, "image_size": args.image_size}
@@ -451,7 +451,6 @@ def colourise_video(model, frames: torch.Tensor, centres: torch.Tensor, args: Ar
 @torch.no_grad()
 def save_strip(model, videos: dict, tracked: dict, centres, args: Args, device, path, columns: int = 8):
     """Per video, three rows: frames, propagated masks on the frames, colourised frames."""
-    import torchvision.utils as vutils
     model.eval()
     rows = []
     for name in list(videos)[:args.strip_videos]:
@@ -462,7 +461,7 @@ def save_strip(model, videos: dict, tracked: dict, centres, args: Args, device, 
         rows += [x[picks], overlay(x[picks], pred[picks]),
                  colourise_video(model, frames, centres, args, device).cpu()[picks - args.ref_frames]]
     model.train()
-    vutils.save_image(torch.cat(rows), path, nrow=columns, padding=1)
+    common.save_picture(path, torch.cat(rows), nrow=columns)
 
 
 def main(argv=None):

@@ -15,8 +15,11 @@ crops (RandomResizedCrop, scale 0.08 to 1, and a horizontal flip), float in [0, 
                 the batched crops on --device (common.FolderImages, run.to_device)
   ours, memory  what a folder that fits gets: decoded once (timed on its own row), then
                 every epoch only the batched crops from the whole images kept in memory
+  decoding      each decoder common.read_image can use (TorchCodec when installed,
+                torchvision.io, PIL) alone, in this process, on the same files
 
-Output: one markdown table, images/s and the ratio to torchvision's pipeline.
+Output: one markdown table, images/s and the ratio to torchvision's pipeline; the decoder
+common.read_image takes here is named under it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+
+from registry import provenance  # noqa: E402
 
 
 def _timed(batches, device, passes: int) -> float:
@@ -86,6 +91,24 @@ def ours_in_memory(train, size, a, device):
     return (lambda: (_crops(x, size, device) for x, _ in loader)), decode_rate
 
 
+def decoding_rates(train, files: int = 300) -> list[tuple[str, float | None]]:
+    """Images per second of each decoder alone on the first `files` training files, or None
+    where it is not installed."""
+    paths = [p for p, _ in train][:files]
+    rates = []
+    for name, decode in common.DECODERS.items():
+        try:
+            decode(paths[0])
+        except ImportError:
+            rates.append((name, None))
+            continue
+        start = time.perf_counter()
+        for p in paths:
+            decode(p)
+        rates.append((name, len(paths) / (time.perf_counter() - start)))
+    return rates
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="an image folder in any layout --dataset folder reads")
@@ -97,6 +120,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice about TorchCodec
     device = common.pick_device(a.device)
+    started = time.time()
     _, train, _, summary = common.folder_splits(Path(a.data_dir))
     print(summary, flush=True)
     rows = []
@@ -107,10 +131,15 @@ def main(argv=None):
     memory, decode_rate = ours_in_memory(train, a.size, a, device)
     rows.append(("ours, memory: the one-time decoding into memory", decode_rate))
     rows.append(("ours, memory: every later epoch, batched crops only", _timed(memory, device, a.passes)))
+    for name, rate in decoding_rates(train):
+        rows.append((f"decoding alone, one process: {name}", rate))
     lines = [f"{len(train)} training images of {a.data_dir}, {a.size} px crops, batch {a.batch_size}, "
              f"{a.workers} workers, device {device}, {a.passes} passes.", "",
              "| pipeline | images/s | ratio to torchvision |", "|---|---|---|"]
-    lines += [f"| {name} | {rate:.0f} | {rate / reference:.2f} |" for name, rate in rows]
+    lines += [f"| {name} | {rate:.0f} | {rate / reference:.2f} |" if rate is not None else f"| {name} | not installed | |"
+              for name, rate in rows]
+    lines += ["", f"common.read_image decodes JPEG and PNG with {common.jpeg_decoder()} here.", "",
+              provenance(started)]
     print("\n".join(lines), flush=True)
     return rows
 

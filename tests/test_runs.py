@@ -247,10 +247,13 @@ def test_two_processes_stopped_and_resumed_end_as_the_uninterrupted_run(tiny_fol
 
 def _slow_folder(root: Path, n: int = 1500) -> Path:
     """Copies of one 640 x 480 JPEG, so that decoding them all takes seconds."""
-    from torchvision.io import encode_jpeg
+    import io
+    from PIL import Image
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=torch.Generator().manual_seed(0)),
                                         size=(480, 640), mode="bilinear")
-    data = encode_jpeg((x[0] * 255).to(torch.uint8), quality=90).numpy().tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray((x[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
     for split, count in (("train", n), ("test", n // 10)):
         for i in range(count):
             folder = root / split / f"c{i % 2}"
@@ -472,7 +475,6 @@ def test_images_smaller_than_the_image_size_are_counted_and_said_once(tiny_folde
 
 def test_a_davis_folder_annotated_on_the_first_frame_only(tmp_path):
     """The DAVIS-2017 test-dev layout: masks are propagated and drawn, J is not scored."""
-    from torchvision.io import write_jpeg
     from PIL import Image
     clips, masks = common.make_videos(2, 8, 48, seed=0)
     for v in range(2):
@@ -480,7 +482,7 @@ def test_a_davis_folder_annotated_on_the_first_frame_only(tmp_path):
         notes = tmp_path / "Annotations" / "480p" / f"video{v}"
         frames.mkdir(parents=True), notes.mkdir(parents=True)
         for t in range(8):
-            write_jpeg(clips[v, t], str(frames / f"{t:05d}.jpg"))
+            Image.fromarray(clips[v, t].permute(1, 2, 0).numpy()).save(frames / f"{t:05d}.jpg")
         ids = Image.frombytes("P", (48, 48), masks[v, 0].numpy().tobytes())  # a DAVIS-2017 palette PNG
         ids.putpalette([0, 0, 0, 200, 0, 0, 0, 200, 0, 0, 0, 200] + [0] * 756)
         ids.save(notes / "00000.png")
