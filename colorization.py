@@ -165,10 +165,6 @@ class ColorizationNet(nn.Module):
             if out.shape[-1] != self.out_size else out
 
 
-def model_out_size(model) -> int:
-    return common.unwrap(model).out_size
-
-
 # ---------------------------------------------------------------------------
 # Loss: L_cl, the rebalanced multinomial cross-entropy (paper eq. 2)
 # ---------------------------------------------------------------------------
@@ -197,7 +193,7 @@ def train(args: Args):
                          bins.cpu()).to(run.device)
     weights = rebalance_weights(prior, args.rebalance)
     if run.is_main:
-        torch.save({"bins": bins.cpu(), "prior": prior.cpu(), "weights": weights.cpu()}, run.out / "prior.pt")
+        run.save({"bins": bins.cpu(), "prior": prior.cpu(), "weights": weights.cpu()}, "prior.pt")
     run.print(f"{len(bins)} in-gamut ab bins on a grid of {GRID:g}; class weights from "
               f"{weights.min():.2f} to {weights.max():.2f}")
     backbone, width = common.build_backbone(args.backbone, args.image_size)
@@ -219,7 +215,7 @@ def train(args: Args):
         x = run.to_device(images)
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
         L, ab = split_lab(x)  # (N, 1, H, W), (N, 2, H, W)
-        ab = F.adaptive_avg_pool2d(ab, model_out_size(model))  # targets at the output size, H/4
+        ab = F.adaptive_avg_pool2d(ab, net.out_size)  # targets at the output size, H/4
         with run.autocast():
             out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
         if args.loss == "classification":
@@ -298,14 +294,13 @@ def test_ab_error(model, dataset, bins, args, device, batch_size=256) -> dict:
 @torch.no_grad()
 def save_grid(model, dataset, bins, args, device, path, n: int = 8):
     """Rows: greyscale input, colourised output, original."""
-    import torchvision.utils as vutils
     x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
     was_training = model.training
     model.eval()
     grey = ((split_lab(x)[0] + 1) / 2).expand(-1, 3, -1, -1)
     rows = torch.cat([grey, colourise(model, x, bins, args), x])
     model.train(was_training)
-    vutils.save_image(rows, path, nrow=n, padding=1)
+    common.save_picture(path, rows, nrow=n)
 
 
 def main(argv=None):

@@ -111,9 +111,9 @@ class ChannelwiseFC(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    def __init__(self, backbone: nn.Module, width: int, image_size: int):
+    def __init__(self, backbone: nn.Module, width: int, image_size: int, normalize: nn.Module = nn.Identity()):
         super().__init__()
-        self.normalize = common.Normalize()
+        self.normalize = normalize  # train() passes common.Normalize(): the ImageNet mean and std
         self.backbone = backbone  # the encoder, kept for downstream work
         with torch.no_grad():
             fmap = common.feature_map(backbone.eval(), torch.zeros(1, 3, image_size, image_size))
@@ -188,7 +188,7 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    model = run.prepare(ContextEncoder(backbone, width, args.image_size))
+    model = run.prepare(ContextEncoder(backbone, width, args.image_size, common.Normalize()))
     disc = run.prepare(Discriminator())
     opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr * 0.1, betas=(0.5, 0.999))
@@ -291,7 +291,6 @@ def test_error(model, dataset, args, device, batch_size=512) -> dict:
 
 def save_grid(model, dataset, args, device, path, n: int = 8):
     """Rows: masked input, the context encoder's fill, the original."""
-    import torchvision.utils as vutils
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the same masks every time, so grids of different runs compare
     x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
@@ -301,7 +300,7 @@ def save_grid(model, dataset, args, device, path, n: int = 8):
     model.eval()
     rows = torch.cat([mask_images(x, m), fill(model, x, m), x])
     model.train(was_training)
-    vutils.save_image(rows, path, nrow=n, padding=1)
+    common.save_picture(path, rows, nrow=n)
 
 
 def main(argv=None):

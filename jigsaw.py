@@ -225,9 +225,9 @@ def train(args: Args):
     monitor = (data, lambda: TileNormalizedEncoder(net.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        tiles, y = make_puzzle(run.to_device(images), perms, args.tile, args.channel_jitter)  # (N, 9, 3, t + 2j, t + 2j), (N,)
-        grey = torch.rand(len(tiles), device=tiles.device) < args.grey  # against chromatic aberration: greyscale ...
-        tiles = normalize_tiles(chromatic_jitter(tiles, args.channel_jitter, grey))  # ... or channels moved; (N, 9, 3, t, t)
+        tiles, y = make_puzzle(run.to_device(images), perms, args.tile, args.channel_jitter)  # (N, 9, 3, t+2j, t+2j)
+        grey = torch.rand(len(tiles), device=tiles.device) < args.grey  # chromatic aberration: some images grey,
+        tiles = normalize_tiles(chromatic_jitter(tiles, args.channel_jitter, grey))  # the rest's channels moved
         with run.autocast():
             logits = model(tiles)  # (N, P)
             loss = permutation_loss(logits.float(), y)

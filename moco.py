@@ -84,9 +84,9 @@ def augment(x: torch.Tensor, args: Args) -> torch.Tensor:
 class Encoder(nn.Module):
     """x in [0, 1] -> backbone features -> head -> (N, C). The backbone is what is kept."""
 
-    def __init__(self, backbone: nn.Module, width: int, dim: int, mlp: bool):
+    def __init__(self, backbone: nn.Module, width: int, dim: int, mlp: bool, normalize: nn.Module = nn.Identity()):
         super().__init__()
-        self.normalize = common.Normalize()
+        self.normalize = normalize  # train() passes common.Normalize(): the ImageNet mean and std
         self.backbone = backbone
         # v1: a linear head (the fc layer); v2: fc - ReLU - fc (MoCo v2, sec. 2)
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim)) if mlp \
@@ -113,9 +113,9 @@ class MoCo(nn.Module):
     def momentum_update(self):
         """theta_k <- m * theta_k + (1 - m) * theta_q over the parameters only, as the
         official code: f_k's buffers (batch norm statistics) are its own, kept by its own
-        forward passes over the keys."""
-        f_q = common.unwrap(self.f_q)
-        for p_q, p_k in zip(f_q.parameters(), self.f_k.parameters()):
+        forward passes over the keys. self.f_q is the bare encoder; a DDP wrapper for the
+        training step lives beside it and shares its parameters."""
+        for p_q, p_k in zip(self.f_q.parameters(), self.f_k.parameters()):
             p_k.mul_(self.m).add_(p_q.detach(), alpha=1 - self.m)
 
     @torch.no_grad()
@@ -128,7 +128,7 @@ class MoCo(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# Loss: l_pos and l_neg, the logits of the InfoNCE loss (paper eq. 1)
+# Loss: InfoNCE over l_pos and l_neg (paper eq. 1)
 # ---------------------------------------------------------------------------
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor):
     """The lecture's l_pos and l_neg. q, k: N x C (normalised), queue: C x K."""
@@ -136,6 +136,16 @@ def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor):
     l_pos = torch.bmm(q.view(N, 1, C), k.view(N, C, 1)).view(N, 1)  # positive logits: N x 1
     l_neg = torch.mm(q.view(N, C), queue.clone().detach())  # negative logits: N x K
     return l_pos, l_neg
+
+
+def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float):
+    """L_q = -log exp(q.k+ / t) / sum_{i=0..K} exp(q.k_i / t) (paper eq. 1): a (1 + K)-way
+    softmax classifier that must find the positive key k+ (index 0) among the queue's K
+    negatives. q, k: N x C (normalised), queue: C x K. Returns (loss, logits N x (1 + K))."""
+    l_pos, l_neg = contrastive_logits(q, k, queue)  # N x 1 (bmm), N x K (mm)
+    logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
+    labels = torch.zeros(len(q), dtype=torch.long, device=q.device)  # the positive is index 0
+    return F.cross_entropy(logits / t, labels), logits
 
 
 # ---------------------------------------------------------------------------
@@ -159,12 +169,11 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    encoder = Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp)
+    encoder = Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, common.Normalize())
     moco = MoCo(encoder, args.dim, args.queue_size, args.momentum, args.temperature).to(run.device)
     if run.channels_last:
         moco = moco.to(memory_format=torch.channels_last)
-    moco.f_q = run.prepare(moco.f_q)  # DDP wraps the query encoder only: f_k gets no gradient
-    f_q, f_k = moco.f_q, moco.f_k
+    f_q, f_k = run.prepare(moco.f_q), moco.f_k  # f_q: DDP around moco.f_q under torchrun; f_k gets no gradient
     optimizer = torch.optim.SGD(f_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     chance = math.log(1 + args.queue_size)
     run.print(f"queue K = {args.queue_size}, momentum m = {args.momentum}, temperature t = {args.temperature}; "
@@ -174,7 +183,7 @@ def train(args: Args):
     parts = {"f_q": f_q, "f_k": f_k, "queue": moco.queue, "queue_ptr": moco.queue_ptr, "optimizer": optimizer}
     f_q.train()
     f_k.train()
-    monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))  # the kNN learning curve, --monitor-every
+    monitor = (data, lambda: encoder_of(moco.f_q.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, schedule(step, total_steps, args))
         x = run.to_device(images, whole=True)  # a minibatch of N images (whole images for image folders)
@@ -186,10 +195,8 @@ def train(args: Args):
                 x_k, unshuffle = shuffle_keys(x_k)
                 k = F.normalize(f_k(run.format(x_k)).float(), dim=1)
                 k = unshuffle_keys(k, unshuffle)
-        l_pos, l_neg = contrastive_logits(q, k, moco.queue)  # N x 1 (bmm), N x K (mm)
-        logits = torch.cat([l_pos, l_neg], dim=1)  # N x (1 + K)
-        labels = torch.zeros(N, dtype=torch.long, device=q.device)  # the positive is index 0
-        loss = F.cross_entropy(logits / moco.t, labels)
+        # l_pos = bmm(q, k), l_neg = mm(q, queue), logits = cat([l_pos, l_neg]), labels = zeros(N),
+        loss, logits = infonce(q, k, moco.queue, moco.t)  # loss = CrossEntropyLoss(logits / t, labels)
         run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -347,7 +354,7 @@ def train_other_dictionary(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(Indexed(data.pretrain))
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    f_q = run.prepare(Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp))
+    f_q = run.prepare(Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, common.Normalize()))
     optimizer = torch.optim.SGD(f_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     bank = F.normalize(torch.randn(len(data.pretrain), args.dim, device=run.device), dim=1)  # memory-bank only
     K = args.batch_size * run.world - 1 if args.negatives == "end-to-end" else args.queue_size

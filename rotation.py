@@ -99,9 +99,9 @@ class RotationNet(nn.Module):
     the pooled backbone features keeps the learned features in the backbone,
     which is the part evaluated downstream."""
 
-    def __init__(self, backbone: nn.Module, width: int, num_angles: int):
+    def __init__(self, backbone: nn.Module, width: int, num_angles: int, normalize: nn.Module = nn.Identity()):
         super().__init__()
-        self.normalize = common.Normalize()
+        self.normalize = normalize  # train() passes common.Normalize(): the ImageNet mean and std
         self.backbone = backbone
         self.head = nn.Linear(width, num_angles)
 
@@ -129,7 +129,7 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    model = run.prepare(RotationNet(backbone, width, args.angles))
+    model = run.prepare(RotationNet(backbone, width, args.angles, common.Normalize()))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
 

@@ -88,9 +88,10 @@ def augment(x: torch.Tensor, chosen: set[str], args: Args) -> torch.Tensor:
 # Model: encoder f and projection head g
 # ---------------------------------------------------------------------------
 class SimCLR(nn.Module):
-    def __init__(self, backbone: nn.Module, width: int, proj_dim: int, proj_bn: bool = True):
+    def __init__(self, backbone: nn.Module, width: int, proj_dim: int, proj_bn: bool = True,
+                 normalize: nn.Module = nn.Identity()):
         super().__init__()
-        self.normalize = common.Normalize()
+        self.normalize = normalize  # train() passes common.Normalize(): the ImageNet mean and std
         self.f = backbone  # h = f(x): the representation kept for downstream tasks
         # g: an MLP with one hidden layer, z = W2 relu(W1 h) (paper sec. 2.1). The released
         # code (model_util.projection_head) puts batch norm after W1 and after W2, the
@@ -147,7 +148,8 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    model = run.prepare(global_batch_norm(SimCLR(backbone, width, args.proj_dim, args.proj_bn), run, args.sync_bn))
+    model = run.prepare(global_batch_norm(SimCLR(backbone, width, args.proj_dim, args.proj_bn, common.Normalize()),
+                                          run, args.sync_bn))
     if args.optimizer == "lars":
         optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
