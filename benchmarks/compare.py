@@ -94,11 +94,15 @@ def table(rows: list[dict], a, started: float | None = None) -> str:
     size = f"{a.image_size} px" if a.image_size else "each method's default size"
     budget = (f"{a.epochs} epochs" if a.epochs else "each method's default epochs") + \
         (f", at most {a.max_steps} steps" if a.max_steps else "")
-    lines = [f"Dataset {a.dataset}{' (' + a.data_dir + ')' if a.data_dir else ''}, backbone {a.backbone}, "
-             f"{size}, {budget}{', ' + a.extra if a.extra else ''}.", "",
-             "| method | pretext | kNN | kNN random init | linear | linear random init | gain kNN / linear "
-             "| train images/s | wall time | peak memory |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    images = [r for r in rows if r["method"] != "video_colorization"]
+    data = f"dataset {a.dataset}{' (' + a.data_dir + ')' if a.data_dir else ''}" if images else ""
+    ran = any(r["method"] == "video_colorization" and r["status"] == "ok" for r in rows)
+    videos = (f"videos of {a.davis_dir}" if a.davis_dir else "the built-in videos") if ran else ""
+    lines = [f"{', '.join(filter(None, (data, videos))).capitalize()}, backbone {a.backbone}, {size}, "
+             f"{budget}{', ' + a.extra if a.extra else ''}.", ""]
+    if images:
+        lines += ["| method | pretext | kNN | kNN random init | linear | linear random init | gain kNN / linear "
+                  "| train images/s | wall time | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
     video = []
     for r in rows:
         if r["method"] == "video_colorization":
@@ -112,8 +116,9 @@ def table(rows: list[dict], a, started: float | None = None) -> str:
                                         f"{r['linear_top1']:.3f}", f"{r['random_linear_top1']:.3f}", gain,
                                         *_cost(r)]) + " |")
     if video:
-        lines += ["", "| method | colour accuracy | J | J random init | J first mask copied | gain over random init "
-                      "| train clips/s | wall time | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ([""] if images else []) + [
+            "| method | colour accuracy | J | J random init | J first mask copied | gain over random init "
+            "| train clips/s | wall time | peak memory |", "|---|---|---|---|---|---|---|---|---|"]
         for r in video:
             if r["status"] != "ok":
                 lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |  |")

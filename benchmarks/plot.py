@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -121,14 +120,52 @@ def plot_curves(found: dict, path: Path, plt):
     fig.savefig(path, dpi=120)
 
 
-def copy_pictures(folder: Path, out: Path) -> list[str]:
-    """The pictures of one compare folder's runs, renamed by method, into `out`."""
+def video_table(folders: list[Path]) -> str:
+    """Video colorization's J over the compare folders, mean ± standard deviation."""
+    runs, walls = [], []
+    for folder in folders:
+        path = folder / "video_colorization" / "eval.json"
+        if path.is_file() and json.loads(path.read_text()).get("J") is not None:
+            runs.append(json.loads(path.read_text()))
+            results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else []
+            walls += [r["wall_s"] for r in results if r["method"] == "video_colorization" and "wall_s" in r]
+    if not runs:
+        return ""
+
+    def show(key):
+        mean, std = _spread([r[key] for r in runs])
+        return f"{mean:.3f}" + (f" ± {std:.3f}" if len(runs) > 1 else "")
+    wall = f"{statistics.median(walls):.0f} s" if walls else "-"
+    return ("\n| method | wall time (median) | colour accuracy | J | J random init | J first mask copied |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| video_colorization ({runs[0]['videos']} videos, {runs[0]['objects']} objects) | {wall} | "
+            f"{show('pretext_top1')} | {show('J')} | {show('J_random_init')} | {show('J_copy_first')} |\n")
+
+
+def made_by(folders: list[Path]) -> list[tuple[str, str]]:
+    """(folder, the provenance line under its table.md) of each compare folder."""
+    lines = []
+    for folder in folders:
+        table_md = folder / "table.md"
+        made = [line for line in table_md.read_text().splitlines() if line.startswith("Made by commit")] \
+            if table_md.is_file() else []
+        lines.append((folder.name, made[-1] if made else "no provenance line (table.md missing)"))
+    return lines
+
+
+def copy_pictures(folder: Path, out: Path, small: int = 400) -> list[str]:
+    """The pictures of one compare folder's runs, renamed by method, into `out`; those
+    narrower than `small` px (the grids of 32 px images) enlarged 3x, pixel for pixel."""
+    from PIL import Image
     copied = []
     for method in (*METHODS, "video_colorization"):
         for name, target in (("neighbours.png", f"neighbours_{method}.png"), ("grid.png", f"{method}_grid.png"),
                              ("strip.png", f"{method}_strip.png")):
             if (folder / method / name).is_file():
-                shutil.copy(folder / method / name, out / target)
+                with Image.open(folder / method / name) as im:
+                    if im.width < small:
+                        im = im.resize((3 * im.width, 3 * im.height), Image.NEAREST)
+                    im.save(out / target)
                 copied.append(target)
     return copied
 
@@ -151,7 +188,7 @@ def main(argv=None):
     plot_gain(found, a.out / "gain.png", plt)
     plot_curves(found, a.out / "curves.png", plt)
     copied = copy_pictures(a.folders[0], a.out)
-    text = table(found)
+    text = table(found) + video_table(a.folders) + "".join(f"\n{folder}: {made}\n" for folder, made in made_by(a.folders))
     (a.out / "compare_table.md").write_text(text)
     print(text)
     print(f"copied from {a.folders[0]}: {', '.join(copied) or 'no pictures'}")

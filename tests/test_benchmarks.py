@@ -211,3 +211,65 @@ def test_reference_speed_needs_a_reference_and_the_data(tmp_path):
         rs.main(["--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--moco-demo not found"):
         rs.main(["--data-dir", str(tmp_path), "--moco-demo", str(tmp_path / "missing.ipynb")])
+
+
+def test_official_curve_reads_the_demos_log_and_runs_moco_epoch_by_epoch(tiny_folder, tmp_path):
+    import time
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import official_curve as oc
+    assert oc.DEMO_LOG[1] == 31.98 and oc.DEMO_LOG[6] == 39.87 and oc.DEMO_LOG[200] == 82.58
+    rows = [{"epoch": 1, "head": 33.0, "backbone": 40.0}, {"epoch": 2, "head": 36.0, "backbone": 41.0}]
+    text = oc.table(rows, {"head": 20.0, "backbone": 30.0}, 60.0, time.time())
+    assert "| 1 | 31.98 | 33.00 | +1.02 | 40.00 |" in text and "| 2 | 33.52 | 36.00 | +2.48 | 41.00 |" in text
+    assert "Off the demo's curve: epoch 2 is +2.48 points" in text and "Made by commit" in text
+    assert oc.verdict(rows[:1]).startswith("On the demo's curve")
+    r = oc.main(["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0", "--out", str(tmp_path),
+                 "--extra", "--backbone small --batch-size 16 --queue-size 64"])
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2] and [e["step"] for e in r["epochs"]] == [10, 20]
+    assert all(0 <= e[k] <= 100 for e in r["epochs"] for k in ("head", "backbone"))
+    assert "| 2 | 33.52 |" in (tmp_path / "curve.md").read_text()
+
+
+def test_reference_speed_compares_each_sides_best_loader_setting(tmp_path):
+    """Every --workers setting of each side is in the table; the ratio is best against best."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reference_speed as rs
+    rows = [{"pair": "moco", "side": side, "workers": w, "repeat": 0, "images_per_s": speed, "ms_per_step": 1000.0,
+             "loss_last10": 5.0}
+            for side, speeds in (("moco.py", (49.3, 44.0, 43.4)), ("MoCo CIFAR-10 demo", (40.3, 36.0, 32.8)))
+            for w, speed in zip((0, 1, 2), speeds)]
+    a = SimpleNamespace(data_dir="/tmp/cifar10-jpg", steps=45, repeats=1)
+    text = rs.write_table(rows, a, tmp_path / "t.md")
+    assert text.count("\n| moco.py |") == 3 and text.count("\n| MoCo CIFAR-10 demo |") == 3
+    assert "| MoCo CIFAR-10 demo | 2 | 32.8 |" in text
+    assert ("moco.py at its best (49.3 images/s, --workers 0) against MoCo CIFAR-10 demo at its best (40.3, "
+            "--workers 0): 1.22x.") in text
+
+
+def test_plot_summarises_the_seeds_with_their_provenance(tmp_path):
+    """plot.py's table (no matplotlib needed): mean ± standard deviation over the compare
+    folders, the median wall time, video colorization's J, and each folder's provenance."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot
+    folders = []
+    for seed, (knn, wall, J) in enumerate(((0.30, 30.0, 0.40), (0.40, 50.0, 0.50), (0.35, 40.0, 0.45))):
+        folder = tmp_path / f"compare-s{seed}"
+        for method, result in (("rotation", {"knn_top1": knn, "random_knn_top1": 0.2, "linear_top1": 0.5,
+                                             "random_linear_top1": 0.3}),
+                               ("video_colorization", {"J": J, "J_random_init": 0.0, "J_copy_first": 0.2,
+                                                       "pretext_top1": 0.8, "videos": 32, "objects": 86})):
+            (folder / method).mkdir(parents=True)
+            (folder / method / "eval.json").write_text(json.dumps(result))
+            (folder / method / "config.json").write_text(json.dumps({"epochs": 2}))
+            (folder / method / "log.jsonl").write_text(json.dumps({"epoch": 1, "step": 5, "knn_top1": 0.25}) + "\n")
+        (folder / "results.json").write_text(json.dumps([{"method": "rotation", "wall_s": wall},
+                                                         {"method": "video_colorization", "wall_s": 2 * wall}]))
+        (folder / "table.md").write_text(f"| ... |\n\nMade by commit abc{seed}, 2026-11-30.\n")
+        folders.append(folder)
+    found = plot.load(folders)
+    text = plot.table(found)
+    assert "| rotation | 40 s | 0.350 ± 0.050 | 0.200 ± 0.000 | 0.500 ± 0.000 | 0.300 ± 0.000 | +0.150 ± 0.050 /" in text
+    video = plot.video_table(folders)
+    assert "| video_colorization (32 videos, 86 objects) | 80 s | 0.800 ± 0.000 | 0.450 ± 0.050 | 0.000 ± 0.000 |" in video
+    assert plot.made_by(folders)[2] == ("compare-s2", "Made by commit abc2, 2026-11-30.")

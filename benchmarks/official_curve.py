@@ -1,0 +1,173 @@
+"""moco.py on the official MoCo CIFAR-10 demo's curve: kNN accuracy epoch by epoch, measured
+as the demo measures it, beside the demo's own log.
+
+    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 1 --out runs/official-curve
+    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 30 --minutes 8 --device cuda --out runs/curve-gpu
+
+moco.py runs with the demo's settings (facebookresearch/moco, colab/moco_cifar10_demo.ipynb,
+commit f736491, the last with colab/): ResNet-18 with the CIFAR stem, batch 512, SGD lr 0.06,
+weight decay 5e-4, K 4096, m 0.99, t 0.1, 8 batch-norm splits, a linear 128-d head, cosine
+schedule over 200 epochs, RandomResizedCrop(32) of 8% to all of the image, the demo's colour
+jitter, at CIFAR-10's native 32 px. It stops after each epoch (--max-steps, a schedule of
+200 epochs as the demo's) and is continued with --resume, as a user would; after each
+epoch this script evaluates the checkpoint's query encoder f_q twice:
+  - as the demo's monitor does: weighted kNN (k 200, t 0.1) on f_q's 128-d head output
+    (its ModelBase ends with the fc layer), over all training and test images;
+  - as this project's protocol does: the same kNN on the 512-d backbone features;
+each beside the same encoder with random weights. One difference stays: the demo
+normalises images with CIFAR-10's mean and std, moco.py with ImageNet's.
+
+The demo's figures (DEMO_LOG) are copied from its notebook's output cells. Output:
+<out>/curve.md (the table, with the wall time and a provenance line) and each epoch's
+figures in <out>/curve.json; moco.py's run is <out>/moco/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import moco  # noqa: E402
+
+from registry import provenance  # noqa: E402
+
+# kNN top-1 (%) after epochs of the demo's training log: its notebook's output cells,
+# "Test Epoch: [e/200] Acc@1:...%" (facebookresearch/moco, colab/moco_cifar10_demo.ipynb,
+# commit f736491): the first ten epochs, and a few later ones.
+DEMO_LOG = {1: 31.98, 2: 33.52, 3: 34.71, 4: 36.98, 5: 37.95, 6: 39.87, 7: 41.86, 8: 44.18, 9: 46.34, 10: 48.03,
+            50: 73.3, 100: 78.06, 150: 81.18, 200: 82.58}
+DEMO = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "512", "--lr", "0.06", "--weight-decay",
+        "5e-4", "--queue-size", "4096", "--momentum", "0.99", "--temperature", "0.1", "--bn-splits", "8",
+        "--min-crop", "0.08", "--augmentation", "demo", "--epochs", "200", "--schedule", "cosine"]
+ON_THE_CURVE = 1.5  # points: within this of the demo's figure counts as on its curve
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="folder", help="folder (CIFAR-10 as JPEGs) or cifar10 (torchvision's)")
+    p.add_argument("--data-dir", required=True, help="the JPEG folder, or where torchvision's CIFAR-10 is")
+    p.add_argument("--epochs", type=int, default=1, help="epochs to run and evaluate (of the demo's 200)")
+    p.add_argument("--minutes", type=float, default=0, help="stop after the epoch that ends past this many minutes "
+                                                           "(0: run all --epochs); for a GPU lent for a while")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extra", default="", help="more options for moco.py after the demo's (the tests shrink it)")
+    p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
+    return p.parse_args(argv)
+
+
+def encoder_from(state: dict | None, a) -> moco.Encoder:
+    """The query encoder f_q as moco.py builds it, with the checkpoint's weights (None: random)."""
+    args = common.parse_args(moco.Args, moco_argv(a, Path("unused")))
+    backbone, width = common.build_backbone(args.backbone, args.image_size)
+    f_q = moco.Encoder(moco.use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, common.Normalize())
+    if state is not None:
+        f_q.load_state_dict(state)
+    return f_q
+
+
+@torch.no_grad()
+def knn_both(f_q: moco.Encoder, data, device) -> dict:
+    """kNN top-1 (%) on the head output (the demo's) and on the backbone (ours), all images."""
+    f_q = f_q.to(device).eval()
+    feats = {"head": [], "backbone": []}
+    labels = {}
+    for split, dataset in (("train", data.train), ("test", data.test)):
+        h_all, z_all, y_all = [], [], []
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=512):
+            h = f_q.backbone(f_q.normalize(common.to_float(x, device)))
+            h_all.append(h.float())
+            z_all.append(f_q.head(h).float())
+            y_all.append(y.to(device))
+        feats["backbone"].append(torch.cat(h_all))
+        feats["head"].append(torch.cat(z_all))
+        labels[split] = torch.cat(y_all)
+    return {kind: 100 * common.knn_accuracy(F.normalize(tr, dim=1), labels["train"], F.normalize(te, dim=1),
+                                            labels["test"], k=200, temperature=0.1)
+            for kind, (tr, te) in feats.items()}
+
+
+def moco_argv(a, out: Path) -> list[str]:
+    return [*DEMO, "--dataset", a.dataset, "--data-dir", a.data_dir, "--device", a.device, "--workers",
+            str(a.workers), "--seed", str(a.seed), "--monitor-every", "0", "--no-eval", "--log-every", "30",
+            *a.extra.split(), "--out", str(out)]
+
+
+def table(rows: list[dict], random: dict, wall: float, started: float) -> str:
+    """The markdown table: each epoch's figures beside the demo's log, and the verdict."""
+    lines = ["| epoch | the demo's log: kNN on the head output | moco.py, the same | difference | "
+             "moco.py: kNN on the backbone (our protocol) |", "|---|---|---|---|---|",
+             f"| 0 (random init) | | {random['head']:.2f} | | {random['backbone']:.2f} |"]
+    for r in rows:
+        demo = DEMO_LOG.get(r["epoch"])
+        diff = f"{r['head'] - demo:+.2f}" if demo is not None else ""
+        lines.append(f"| {r['epoch']} | {demo if demo is not None else '(not logged)'} | {r['head']:.2f} | {diff} | "
+                     f"{r['backbone']:.2f} |")
+    lines += ["", f"The demo after 200 epochs: {DEMO_LOG[200]}.", "", verdict(rows), "",
+              f"Training and evaluation: {wall / 60:.0f} min.", "", provenance(started)]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict]) -> str:
+    """On the curve when every epoch the demo logged is within ON_THE_CURVE points of it."""
+    logged = [r for r in rows if r["epoch"] in DEMO_LOG]
+    if not logged:
+        return "No epoch the demo logged was run."
+    worst = max(logged, key=lambda r: abs(r["head"] - DEMO_LOG[r["epoch"]]))
+    gap = worst["head"] - DEMO_LOG[worst["epoch"]]
+    if abs(gap) <= ON_THE_CURVE:
+        return (f"On the demo's curve: every epoch within {ON_THE_CURVE} points of its log "
+                f"(the farthest, epoch {worst['epoch']}: {gap:+.2f}).")
+    return (f"Off the demo's curve: epoch {worst['epoch']} is {gap:+.2f} points from its log "
+            f"(more than {ON_THE_CURVE}).")
+
+
+def main(argv=None):
+    a = parse(argv)
+    out = Path(a.out)
+    run = out / "moco"
+    if (run / "checkpoint.pt").exists():
+        common.fail(f"--out {out} holds a curve's run already; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    device = common.pick_device(a.device)
+    data = common.load_image_data(common.parse_args(moco.Args, moco_argv(a, run)))
+    steps_per_epoch = len(data.pretrain) // int(common.parse_args(moco.Args, moco_argv(a, run)).batch_size)
+    torch.manual_seed(a.seed)
+    random = knn_both(encoder_from(None, a), data, device)
+    print(f"[curve] random init: head {random['head']:.2f}, backbone {random['backbone']:.2f}", flush=True)
+    rows = []
+    for epoch in range(1, a.epochs + 1):
+        argv = moco_argv(a, run) if epoch == 1 else ["--resume", str(run)]
+        command = [sys.executable, str(ROOT / "moco.py"), *argv, "--max-steps", str(epoch * steps_per_epoch)]
+        print(f"[curve] epoch {epoch}: {' '.join(command[1:])}", flush=True)
+        with open(out / "moco.log", "a") as log:
+            done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            common.fail(f"moco.py stopped with exit code {done.returncode} (see {out / 'moco.log'})")
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+        rows.append({"epoch": epoch, "step": state["step"], **knn_both(encoder_from(state["f_q"], a), data, device)})
+        print(f"[curve] epoch {epoch}: head {rows[-1]['head']:.2f} (demo {DEMO_LOG.get(epoch)}), backbone "
+              f"{rows[-1]['backbone']:.2f}", flush=True)
+        (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
+        if a.minutes and time.time() - started > 60 * a.minutes:
+            print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
+            break
+    text = table(rows, random, time.time() - started, started)
+    (out / "curve.md").write_text(text)
+    print(text, flush=True)
+    return {"random_init": random, "epochs": rows}
+
+
+if __name__ == "__main__":
+    common.cli(main)
