@@ -64,13 +64,16 @@ def _wait(proc, timeout: float):
 
 
 def provenance(started: float) -> str:
-    """One line that says what made a table: the commit (and whether the tree had changes
-    beside it), date, torch version, the machine's processor or GPU, threads, wall time."""
+    """One line that says what made a table: the commit of the code (and whether the tree had
+    changes to the code beside it), date, torch version, the machine's processor or GPU, threads, wall time."""
     import datetime
     import platform
     import torch
     git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The last commit to change the code, so that commits of docs alone between tables do not
+    # make tables of the same code look as if they came from different code.
+    commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", "*.py", "*.sh", "requirements.txt"],
+                            capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh",
                             "requirements.txt"], capture_output=True, text=True).stdout.strip()  # the code, not docs
     if torch.cuda.is_available():
