@@ -70,12 +70,14 @@ def provenance(started: float) -> str:
     import platform
     import torch
     git = ["git", "-C", str(ROOT)]
-    # The last commit to change the code, so that commits of docs alone between tables do not
-    # make tables of the same code look as if they came from different code.
-    commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", "*.py", "*.sh", "requirements.txt"],
+    # The code that makes the figures: the method files, common.py, the benchmarks. The commit
+    # named is the last to change it, so that commits of docs or tests alone between tables do
+    # not make tables of the same code look as if they came from different code.
+    code = [":(glob)*.py", ":(glob)benchmarks/**", "requirements.txt"]
+    commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", *code],
                             capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.sh",
-                            "requirements.txt"], capture_output=True, text=True).stdout.strip()  # the code, not docs
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", *code],
+                           capture_output=True, text=True).stdout.strip()
     if torch.cuda.is_available():
         hardware = torch.cuda.get_device_name(0)
     else:
