@@ -1,0 +1,51 @@
+"""The docs speak of the code: each method's "lecture beside the code" table quotes lines
+that still say what it claims, and every figure of README's results sits in RESULTS.md."""
+import re
+
+import pytest
+
+from conftest import ROOT
+
+METHODS = ("rotation", "patch_location", "jigsaw", "inpainting", "colorization", "split_brain",
+           "video_colorization", "simclr", "moco")
+QUOTE = re.compile(r"`(\w+\.py):(\d+)` `(.+?)`\s*\|")
+
+
+def lecture_rows(method: str) -> list[tuple[str, int, str]]:
+    text = (ROOT / "docs" / f"{method}.md").read_text()
+    section = text.split("## The lecture beside the code", 1)[1].split("\n## ", 1)[0]
+    return [(m.group(1), int(m.group(2)), m.group(3)) for m in QUOTE.finditer(section)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_lecture_beside_the_code_quotes_the_lines_it_names(method):
+    rows = lecture_rows(method)
+    assert len(rows) >= 4, f"docs/{method}.md: too few rows in 'The lecture beside the code'"
+    for file, line, quoted in rows:
+        lines = (ROOT / file).read_text().splitlines()
+        assert 1 <= line <= len(lines), f"docs/{method}.md names {file}:{line}, past the end of the file"
+        assert quoted in lines[line - 1], (f"docs/{method}.md: {file}:{line} no longer says `{quoted}`; "
+                                          f"it says `{lines[line - 1].strip()}`")
+
+
+SETTINGS = {"0.999", "0.001"}  # lambda_rec and lambda_adv, m = 0.999: options, not measurements
+
+
+def figures(text: str) -> set[str]:
+    """Accuracies and gains as the tables print them: 0.371, +0.202, and 0.013 in '0.371 ± 0.013'."""
+    return {f for f in re.findall(r"[+-]?\b0\.\d{3}\b", text) if f.lstrip("+-") not in SETTINGS}
+
+
+def test_every_figure_of_the_readmes_results_is_in_results_md():
+    readme = (ROOT / "README.md").read_text()
+    results = figures((ROOT / "RESULTS.md").read_text())
+    missing = sorted(f for f in figures(readme) if f not in results and f.lstrip("+") not in results)
+    assert not missing, f"README.md quotes figures RESULTS.md does not have: {missing}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_figure_of_a_method_doc_is_in_results_md(method):
+    text = (ROOT / "docs" / f"{method}.md").read_text()
+    results = figures((ROOT / "RESULTS.md").read_text())
+    missing = sorted(f for f in figures(text) if f not in results and f.lstrip("+") not in results)
+    assert not missing, f"docs/{method}.md quotes figures RESULTS.md does not have: {missing}"
