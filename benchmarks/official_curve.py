@@ -17,6 +17,17 @@ epoch this script evaluates the checkpoint's query encoder f_q twice:
 each beside the same encoder with random weights. One difference stays: the demo
 normalises images with CIFAR-10's mean and std, moco.py with ImageNet's.
 
+With --demo-notebook (your copy of the demo's notebook) the demo's own code runs instead
+of moco.py, on the same images, and is measured by its own kNN monitor, test(), at random
+init and after each epoch: the demo's curve as it comes out on this machine and seed,
+beside its log. Its cells are executed as they are, with reference_speed.py's stand-ins
+(the JPEG folder in the place of torchvision's CIFAR10, `.cuda()` a no-op without a GPU,
+--workers loader processes); the epochs are driven as its training loop does (its
+optimizer line, then train() and test() per epoch of its 200-epoch schedule).
+
+    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 1 --out runs/demo-curve \
+        --demo-notebook /tmp/moco/colab/moco_cifar10_demo.ipynb
+
 The demo's figures (DEMO_LOG) are copied from its notebook's output cells. Output:
 <out>/curve.md (the table, with the wall time and a provenance line) and each epoch's
 figures in <out>/curve.json; moco.py's run is <out>/moco/.
@@ -62,6 +73,8 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--extra", default="", help="more options for moco.py after the demo's (the tests shrink it)")
+    p.add_argument("--demo-notebook", default="", help="your copy of the demo's colab/moco_cifar10_demo.ipynb: run "
+                                                         "its own code instead of moco.py, measured by its own test()")
     p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
     return p.parse_args(argv)
 
@@ -118,7 +131,7 @@ def table(rows: list[dict], random: dict, wall: float, started: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verdict(rows: list[dict]) -> str:
+def verdict(rows: list[dict], who: str = "") -> str:
     """On the curve when every epoch the demo logged is within ON_THE_CURVE points of it."""
     logged = [r for r in rows if r["epoch"] in DEMO_LOG]
     if not logged:
@@ -126,15 +139,66 @@ def verdict(rows: list[dict]) -> str:
     worst = max(logged, key=lambda r: abs(r["head"] - DEMO_LOG[r["epoch"]]))
     gap = worst["head"] - DEMO_LOG[worst["epoch"]]
     if abs(gap) <= ON_THE_CURVE:
-        return (f"On the demo's curve: every epoch within {ON_THE_CURVE} points of its log "
+        return (f"{who}On the demo's curve: every epoch within {ON_THE_CURVE} points of its log "
                 f"(the farthest, epoch {worst['epoch']}: {gap:+.2f}).")
-    return (f"Off the demo's curve: epoch {worst['epoch']} is {gap:+.2f} points from its log "
+    return (f"{who}Off the demo's curve: epoch {worst['epoch']} is {gap:+.2f} points from its log "
             f"(more than {ON_THE_CURVE}).")
+
+
+def demo_table(rows: list[dict], random: float, wall: float, started: float) -> str:
+    """The demo's own code, run here, beside its log: its test() after each epoch."""
+    lines = ["| epoch | the demo's log: kNN on the head output | the demo's code run here, the same | difference | "
+             "mean loss of the epoch (its train()) |", "|---|---|---|---|---|", f"| 0 (random init) | | {random:.2f} | | |"]
+    for r in rows:
+        demo = DEMO_LOG.get(r["epoch"])
+        diff = f"{r['head'] - demo:+.2f}" if demo is not None else ""
+        lines.append(f"| {r['epoch']} | {demo if demo is not None else '(not logged)'} | {r['head']:.2f} | {diff} | "
+                     f"{r['loss']:.3f} |")
+    lines += ["", verdict(rows, "The demo's own code, run here: "), "",
+              f"Training and evaluation: {wall / 60:.0f} min.", "", provenance(started)]
+    return "\n".join(lines) + "\n"
+
+
+def demo_curve(a, out: Path) -> dict:
+    """The demo's own code for --epochs epochs, measured by its own test() (see the docstring)."""
+    import reference_speed
+    started = time.time()
+    notebook = Path(a.demo_notebook)
+    if not notebook.is_file():
+        common.fail(f"--demo-notebook not found: {notebook}")
+    ns = reference_speed.moco_demo(notebook, Path(a.data_dir), a.seed, a.workers, out / "demo", test_split=True)
+    # The first line of its training-loop cell, as it is: SGD over the model's parameters.
+    exec(next(line for line in ns["training_loop"].splitlines() if line.startswith("optimizer =")), ns)
+    args, model = ns["args"], ns["model"]
+
+    def test(epoch):
+        return ns["test"](model.encoder_q, ns["memory_loader"], ns["test_loader"], epoch, args)
+
+    random = test(0)
+    print(f"[curve] the demo's code, random init: {random:.2f}", flush=True)
+    rows = []
+    for epoch in range(1, a.epochs + 1):  # as its training loop: train() then test(), epoch by epoch
+        loss = ns["train"](model, ns["train_loader"], ns["optimizer"], epoch, args)
+        rows.append({"epoch": epoch, "head": test(epoch), "loss": loss})
+        print(f"[curve] the demo's code, epoch {epoch}: {rows[-1]['head']:.2f} (its log {DEMO_LOG.get(epoch)}), "
+              f"loss {loss:.3f}", flush=True)
+        (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
+        if a.minutes and time.time() - started > 60 * a.minutes:
+            print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
+            break
+    text = demo_table(rows, random, time.time() - started, started)
+    (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
+    (out / "curve.md").write_text(text)
+    print(text, flush=True)
+    return {"random_init": random, "epochs": rows}
 
 
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out)
+    if a.demo_notebook:
+        out.mkdir(parents=True, exist_ok=True)
+        return demo_curve(a, out)
     run = out / "moco"
     if (run / "checkpoint.pt").exists():
         common.fail(f"--out {out} holds a curve's run already; choose another --out")

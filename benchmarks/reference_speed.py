@@ -105,9 +105,10 @@ class _Bar:
         pass
 
 
-def folder_cifar10(data_dir: Path):
+def folder_cifar10(data_dir: Path, test_split: bool = False):
     """A stand-in for torchvision's CIFAR10 that reads an image folder instead of
-    downloading: .data (N, H, W, 3) uint8, .targets, .classes, as the demo uses them."""
+    downloading: .data (N, H, W, 3) uint8, .targets, .classes, as the demo uses them.
+    The test split is decoded only with `test_split` (the speed runs never read it)."""
     import numpy as np
     from PIL import Image
 
@@ -115,19 +116,23 @@ def folder_cifar10(data_dir: Path):
 
     class FolderCIFAR10(torch.utils.data.Dataset):
         def __init__(self, root=None, train=True, transform=None, download=False, **_):
-            split = data_dir / ("train" if train else "test")
-            self.classes = sorted(p.name for p in split.iterdir() if p.is_dir())
-            files = [(f, c) for c, name in enumerate(self.classes) for f in sorted((split / name).iterdir())]
-            # Decoded once (the demo builds the training set twice); the test split is built
-            # by the demo but never read here (the kNN monitor is skipped).
-            if train and "train" not in decoded:
-                decoded["train"] = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
-            self.data = decoded["train"] if train else np.zeros((len(files), 1, 1, 3), np.uint8)
+            split = "train" if train else "test"
+            folder = data_dir / split
+            self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            files = [(f, c) for c, name in enumerate(self.classes) for f in sorted((folder / name).iterdir())]
+            # Each split decoded once (the demo builds the training set twice).
+            if (train or test_split) and split not in decoded:
+                decoded[split] = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
+            self.data = decoded.get(split, np.zeros((len(files), 1, 1, 3), np.uint8))
             self.targets = [c for _, c in files]
             self.transform = transform
 
         def __len__(self):
             return len(self.data)
+
+        def __getitem__(self, index):  # as torchvision's CIFAR10 (the demo's CIFAR10Pair has its own)
+            image = Image.fromarray(self.data[index])
+            return (self.transform(image) if self.transform else image), self.targets[index]
 
     return FolderCIFAR10
 
@@ -141,14 +146,19 @@ def without_gpu():
     return False
 
 
-def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed: int, out: Path) -> dict:
-    """The demo's own cells, with the stand-ins above; returns step times and losses."""
+def moco_demo(notebook: Path, data_dir: Path, seed: int, workers: int, out: Path, settings: dict | None = None,
+              test_split: bool = False) -> dict:
+    """The demo's own cells, from its arguments to its kNN monitor, executed as they are in
+    one namespace with the stand-ins above; `settings` change its arguments before its data
+    and model are built. Its three loaders get `workers` processes (its 16 would crowd a
+    small machine). Returns the namespace: args, model, train_loader, memory_loader,
+    test_loader, train, test, and the rest."""
     cells = ["".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
 
     def cell(marker):
         found = [c for c in cells if marker in c]
         if len(found) != 1:
-            raise SystemExit(f"reference_speed: {notebook} does not look like the MoCo CIFAR-10 demo "
+            raise SystemExit(f"{notebook} does not look like the MoCo CIFAR-10 demo "
                              f"({len(found)} cells contain {marker!r})")
         return found[0]
 
@@ -167,27 +177,38 @@ def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed
     from torchvision import transforms
     from torchvision.models import resnet
     ns = {"argparse": _argparse, "datetime": datetime, "partial": partial, "Image": Image, "DataLoader": DataLoader,
-          "transforms": transforms, "CIFAR10": folder_cifar10(data_dir), "resnet": resnet, "tqdm": _Bar,
+          "transforms": transforms, "CIFAR10": folder_cifar10(data_dir, test_split), "resnet": resnet, "tqdm": _Bar,
           "json": json, "math": math, "os": os, "torch": torch, "nn": nn, "F": F, "__name__": "moco_demo"}
     exec(cell("parser = argparse.ArgumentParser"), ns)
-    args = ns["args"]
-    args.batch_size, args.moco_k, args.bn_splits = BATCH, MOCO["queue_size"], MOCO["bn_splits"]
-    args.moco_m, args.moco_t, args.lr, args.moco_dim = MOCO["momentum"], MOCO["temperature"], MOCO["lr"], MOCO["dim"]
-    args.results_dir = str(out)
+    for key, value in (settings or {}).items():
+        setattr(ns["args"], key, value)
+    ns["args"].results_dir = str(out)
     exec(cell("class CIFAR10Pair"), ns)
-    ns["train_loader"] = TimedLoader(DataLoader(ns["train_data"], batch_size=args.batch_size, shuffle=True,
-                                                num_workers=workers, drop_last=True), steps)
+    for name, shuffle in (("train_loader", True), ("memory_loader", False), ("test_loader", False)):
+        ns[name] = DataLoader(ns[name].dataset, batch_size=ns["args"].batch_size, shuffle=shuffle,
+                              num_workers=workers, drop_last=shuffle)
     for marker in ("class SplitBatchNorm", "class ModelMoCo", "def train(", "def knn_predict"):
         exec(cell(marker), ns)
+    ns["training_loop"] = cell("# training loop")
+    return ns
+
+
+def run_moco_demo(notebook: Path, data_dir: Path, steps: int, workers: int, seed: int, out: Path) -> dict:
+    """The demo's training loop, timed; returns step times and losses."""
+    ns = moco_demo(notebook, data_dir, seed, workers, out,
+                   {"batch_size": BATCH, "moco_k": MOCO["queue_size"], "bn_splits": MOCO["bn_splits"],
+                    "moco_m": MOCO["momentum"], "moco_t": MOCO["temperature"], "lr": MOCO["lr"],
+                    "moco_dim": MOCO["dim"]})
+    ns["train_loader"] = TimedLoader(ns["train_loader"], steps)
     ns["test"] = lambda *a, **k: float("nan")  # the kNN monitor: not timed (moco.py: --monitor-every 0)
     losses = []
     ns["model"].register_forward_hook(lambda module, inputs, loss: losses.append(loss.item()))
     try:
-        exec(cell("# training loop"), ns)
+        exec(ns["training_loop"], ns)
     except StopTraining:
         pass
     times = ns["train_loader"].times
-    return {"step_s": [b - a for a, b in zip(times, times[1:])], "losses": losses, "batch": args.batch_size}
+    return {"step_s": [b - a for a, b in zip(times, times[1:])], "losses": losses, "batch": BATCH}
 
 
 def stand_in(name: str) -> types.ModuleType:

@@ -230,6 +230,70 @@ def test_official_curve_reads_the_demos_log_and_runs_moco_epoch_by_epoch(tiny_fo
     assert "| 2 | 33.52 |" in (tmp_path / "curve.md").read_text()
 
 
+# A notebook laid out as the MoCo CIFAR-10 demo (the same cell markers and names), with a
+# tiny model of its own: the test's, not the demo's code.
+DEMO_CELLS = [
+    "!nvidia-smi",
+    "parser = argparse.ArgumentParser()\nparser.add_argument('--batch-size', default=16, type=int)\n"
+    "parser.add_argument('--epochs', default=200, type=int)\nparser.add_argument('--results-dir', default='')\n"
+    "args = parser.parse_args('')",
+    "class CIFAR10Pair(CIFAR10):\n    def __getitem__(self, index):\n        img = Image.fromarray(self.data[index])\n"
+    "        return self.transform(img), self.transform(img)\n"
+    "t = transforms.Compose([transforms.ToTensor()])\n"
+    "train_data = CIFAR10Pair(root='data', train=True, transform=t, download=True)\n"
+    "train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, num_workers=16, drop_last=True)\n"
+    "memory_loader = DataLoader(CIFAR10(root='data', train=True, transform=t), batch_size=args.batch_size, num_workers=16)\n"
+    "test_loader = DataLoader(CIFAR10(root='data', train=False, transform=t), batch_size=args.batch_size, num_workers=16)",
+    "class SplitBatchNorm(nn.BatchNorm2d):\n    pass",
+    "class ModelMoCo(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+    "        self.encoder_q = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8))\n"
+    "    def forward(self, im1, im2):\n"
+    "        return -F.cosine_similarity(self.encoder_q(im1), self.encoder_q(im2)).mean()\n"
+    "model = ModelMoCo().cuda()",
+    "def train(net, data_loader, train_optimizer, epoch, args):\n    net.train()\n    total = []\n"
+    "    for im_1, im_2 in tqdm(data_loader):\n        loss = net(im_1.cuda(), im_2.cuda())\n"
+    "        train_optimizer.zero_grad()\n        loss.backward()\n        train_optimizer.step()\n"
+    "        total.append(loss.item())\n    note('train', epoch, len(total))\n    return sum(total) / len(total)",
+    "def note(*call):\n    os.makedirs(args.results_dir, exist_ok=True)\n"
+    "    with open(os.path.join(args.results_dir, 'calls.txt'), 'a') as f:\n        f.write(' '.join(map(str, call)) + '\\n')\n"
+    "def test(net, memory_data_loader, test_data_loader, epoch, args):\n    net.eval()\n"
+    "    with torch.no_grad():\n"
+    "        bank = torch.cat([F.normalize(net(x), dim=1) for x, _ in memory_data_loader])\n"
+    "        labels = torch.tensor(memory_data_loader.dataset.targets)\n        right = total = 0\n"
+    "        for x, y in test_data_loader:\n            nearest = (F.normalize(net(x), dim=1) @ bank.t()).argmax(1)\n"
+    "            right += (labels[nearest] == y).sum().item()\n            total += len(y)\n"
+    "    note('test', epoch, total)\n    return 100 * right / total\n"
+    "def knn_predict(feature, feature_bank, feature_labels, classes, knn_k, knn_t):\n    pass",
+    "# define optimizer\noptimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n# training loop\n"
+    "for epoch in range(1, args.epochs + 1):\n    raise RuntimeError('the curve drives the epochs itself')",
+]
+
+
+def test_official_curve_runs_the_demos_own_code_and_its_own_monitor(tiny_folder, tmp_path):
+    """--demo-notebook: the notebook's cells run as they are, on the folder (test split
+    decoded for its monitor), its optimizer line, then train() and test() epoch by epoch
+    after a test() at random init; the table sets its figures beside the demo's log."""
+    notebook = tmp_path / "demo.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "source": c} for c in DEMO_CELLS]}))
+    out = tmp_path / "curve"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
+                           str(tiny_folder), "--epochs", "2", "--workers", "0", "--demo-notebook", str(notebook),
+                           "--out", str(out)], capture_output=True, text=True, env=script_env())
+    assert done.returncode == 0, done.stderr
+    calls = (out / "demo" / "calls.txt").read_text().split("\n")[:-1]  # 160 training images in batches of 16
+    assert calls == ["test 0 60", "train 1 10", "test 1 60", "train 2 10", "test 2 60"]
+    record = json.loads((out / "curve.json").read_text())
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2]
+    assert all(0 <= e["head"] <= 100 for e in record["epochs"]) and 0 <= record["random_init"] <= 100
+    text = (out / "curve.md").read_text()
+    assert "| 0 (random init) | | " in text and "| 1 | 31.98 | " in text and "| 2 | 33.52 | " in text
+    assert "The demo's own code, run here: " in text and "Made by commit" in text
+    missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
+                              str(tiny_folder), "--demo-notebook", str(tmp_path / "none.ipynb"), "--out", str(out)],
+                             capture_output=True, text=True, env=script_env())
+    assert missing.returncode != 0 and "--demo-notebook not found" in missing.stderr
+
+
 def test_reference_speed_compares_each_sides_best_loader_setting(tmp_path):
     """Every --workers setting of each side is in the table; the ratio is best against best."""
     from types import SimpleNamespace
