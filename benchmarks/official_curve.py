@@ -28,6 +28,11 @@ optimizer line, then train() and test() per epoch of its 200-epoch schedule).
     python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 1 --out runs/demo-curve \
         --demo-notebook /tmp/moco/colab/moco_cifar10_demo.ipynb
 
+With --demo-notebook and --checkpoint (a moco.py checkpoint, such as <out>/moco/checkpoint.pt
+of a curve) nothing trains: that checkpoint's f_q is measured by the demo's own test(), its
+inputs taken back from the demo's normalisation to the one moco.py trained with. Beside
+this script's own figure for the same f_q, it says whether the two monitors agree.
+
 The demo's figures (DEMO_LOG) are copied from its notebook's output cells. Output:
 <out>/curve.md (the table, with the wall time and a provenance line) and each epoch's
 figures in <out>/curve.json; moco.py's run is <out>/moco/.
@@ -75,6 +80,8 @@ def parse(argv=None):
     p.add_argument("--extra", default="", help="more options for moco.py after the demo's (the tests shrink it)")
     p.add_argument("--demo-notebook", default="", help="your copy of the demo's colab/moco_cifar10_demo.ipynb: run "
                                                          "its own code instead of moco.py, measured by its own test()")
+    p.add_argument("--checkpoint", default="", help="with --demo-notebook: measure this moco.py checkpoint's f_q by "
+                                                    "the demo's test(), training nothing")
     p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
     return p.parse_args(argv)
 
@@ -193,12 +200,54 @@ def demo_curve(a, out: Path) -> dict:
     return {"random_init": random, "epochs": rows}
 
 
+class FromDemoInput(torch.nn.Module):
+    """The demo's input (normalised with its mean and std) back to pixels in [0, 1], then
+    f_q as moco.py runs it (its own normalisation, backbone, head)."""
+
+    def __init__(self, f_q: moco.Encoder, mean, std):
+        super().__init__()
+        self.f_q = f_q
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.f_q(x * self.std + self.mean)
+
+
+def demo_measures(a, out: Path) -> dict:
+    """A moco.py checkpoint's f_q through the demo's own test(), and through knn_both."""
+    import reference_speed
+    started = time.time()
+    for path, what in ((Path(a.demo_notebook), "--demo-notebook"), (Path(a.checkpoint), "--checkpoint")):
+        if not path.is_file():
+            common.fail(f"{what} not found: {path}")
+    ns = reference_speed.moco_demo(Path(a.demo_notebook), Path(a.data_dir), a.seed, a.workers, out / "demo",
+                                   test_split=True)
+    normalise = next(t for t in ns["test_transform"].transforms if type(t).__name__ == "Normalize")
+    state = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+    f_q = encoder_from(state["f_q"], a)
+    demo = ns["test"](FromDemoInput(f_q, normalise.mean, normalise.std).eval(), ns["memory_loader"],
+                      ns["test_loader"], 0, ns["args"])
+    device = common.pick_device(a.device)
+    ours = knn_both(f_q, common.load_image_data(common.parse_args(moco.Args, moco_argv(a, out / "unused"))), device)
+    text = "\n".join([
+        f"f_q of {a.checkpoint} (step {state['step']}), kNN on the head output:", "",
+        "| monitor | kNN top-1 (%) |", "|---|---|", f"| the demo's test() | {demo:.2f} |",
+        f"| official_curve.py (knn_both) | {ours['head']:.2f} |", "",
+        f"Difference: {ours['head'] - demo:+.2f}.", "", provenance(started)]) + "\n"
+    (out / "measures.md").write_text(text)
+    print(text, flush=True)
+    return {"demo_test": demo, **ours}
+
+
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out)
+    if a.checkpoint and not a.demo_notebook:
+        common.fail("--checkpoint is measured by the demo's test(): give --demo-notebook as well")
     if a.demo_notebook:
         out.mkdir(parents=True, exist_ok=True)
-        return demo_curve(a, out)
+        return demo_measures(a, out) if a.checkpoint else demo_curve(a, out)
     run = out / "moco"
     if (run / "checkpoint.pt").exists():
         common.fail(f"--out {out} holds a curve's run already; choose another --out")

@@ -239,7 +239,7 @@ DEMO_CELLS = [
     "args = parser.parse_args('')",
     "class CIFAR10Pair(CIFAR10):\n    def __getitem__(self, index):\n        img = Image.fromarray(self.data[index])\n"
     "        return self.transform(img), self.transform(img)\n"
-    "t = transforms.Compose([transforms.ToTensor()])\n"
+    "t = test_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])])\n"
     "train_data = CIFAR10Pair(root='data', train=True, transform=t, download=True)\n"
     "train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, num_workers=16, drop_last=True)\n"
     "memory_loader = DataLoader(CIFAR10(root='data', train=True, transform=t), batch_size=args.batch_size, num_workers=16)\n"
@@ -292,6 +292,38 @@ def test_official_curve_runs_the_demos_own_code_and_its_own_monitor(tiny_folder,
                               str(tiny_folder), "--demo-notebook", str(tmp_path / "none.ipynb"), "--out", str(out)],
                              capture_output=True, text=True, env=script_env())
     assert missing.returncode != 0 and "--demo-notebook not found" in missing.stderr
+
+
+def test_official_curve_measures_a_moco_checkpoint_with_the_demos_monitor(tiny_folder, tmp_path):
+    """--demo-notebook --checkpoint: moco.py's f_q fed the demo's normalised input gives what
+    it gives on the pixels; both monitors' figures in one table; no checkpoint, no run."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import official_curve as oc
+    a = oc.parse(["--data-dir", str(tiny_folder), "--out", str(tmp_path), "--extra", "--backbone small"])
+    f_q = oc.encoder_from(None, a).eval()
+    x = torch.rand(4, 3, 32, 32)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    demo_input = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(oc.FromDemoInput(f_q, mean, std)(demo_input), f_q(x), atol=1e-5)
+    notebook = tmp_path / "demo.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "source": c} for c in DEMO_CELLS]}))
+    extra = "--backbone small --batch-size 16 --queue-size 64"
+    oc.main(["--data-dir", str(tiny_folder), "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "c"),
+             "--extra", extra])
+    checkpoint = tmp_path / "c" / "moco" / "checkpoint.pt"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
+                           str(tiny_folder), "--workers", "0", "--demo-notebook", str(notebook), "--checkpoint",
+                           str(checkpoint), "--extra", extra, "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, env=script_env())
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "m" / "measures.md").read_text()
+    assert "(step 10)" in text and "| the demo's test() | " in text and "| official_curve.py (knn_both) | " in text
+    assert "Made by commit" in text
+    alone = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
+                            str(tiny_folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "n")],
+                           capture_output=True, text=True, env=script_env())
+    assert alone.returncode != 0 and "give --demo-notebook as well" in alone.stderr
 
 
 def test_reference_speed_compares_each_sides_best_loader_setting(tmp_path):
