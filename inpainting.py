@@ -15,7 +15,7 @@ learned the features it evaluates with L_rec alone and random-region holes
     python inpainting.py --mask center                # or blocks: the paper's other two kinds of hole
     python inpainting.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
 
-Departures from the paper (README, inpainting.py):
+Departures from the paper (docs/inpainting.md, with their measured effects):
 - Random holes: L_rec is the squared error over the whole output, the context weighted
   as the hole (--context-weight 1), as the released code trains them; the paper's eq. 1
   counts the hole only (--context-weight 0). The discriminator judges the whole output

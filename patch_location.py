@@ -17,7 +17,7 @@ each patch on its own and downsamples a third of them at random; so does this.
     python patch_location.py --gap 0 --jitter 0 --downsample 0   # without the gap, the jitter and the downsampling
     python patch_location.py --dataset folder --data-dir /tmp/cifar10-jpg --image-size 32 --patch 8 --gap 4 --jitter 1
 
-Departures from the paper (README, patch_location.py):
+Departures from the paper (docs/patch_location.md, with their measured effects):
 - Scaled down: 16 px patches in 64 px images (the paper: 96 px patches in images of
   390-670 px a side, about the same share of the side), gap and jitter in proportion.
 - Head: one hidden layer on the two concatenated features, where the paper has fc6 per

@@ -13,7 +13,7 @@ must recognise objects and where their parts are. Afterwards only the ConvNet
     torchrun --nproc_per_node=2 rotation.py --dataset cifar10 --backbone resnet18 --epochs 100
     python rotation.py --resume runs/rotation-20260101-120000   # continue a stopped run
 
-Departures from the paper (README, rotation.py):
+Departures from the paper (docs/rotation.md):
 - Backbone: a ResNet (the small one by default) instead of a Network-In-Network, with a
   linear rotation head on its pooled features, so what is learned sits in the backbone
   that is evaluated. Epochs, image size and width are scaled down (Args).

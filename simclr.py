@@ -16,10 +16,10 @@ of Visual Representations", ICML 2020. The lecture's four steps:
     torchrun --nproc_per_node=4 simclr.py --dataset cifar10 --backbone resnet18 --batch-size 128 \\
         --epochs 200 --lr 0.5 --temperature 0.5 --min-crop 0.08 --workers 8
 
-Departures from the paper (README, simclr.py), for short runs on 32 px images:
+Departures from the paper (docs/simclr.md, with their measured effects), for short runs at 32 px:
 - Smallest crop 0.5 of the area (paper: 0.08) and temperature 0.2 (paper, CIFAR-10: 0.5):
-  at 32 px an 8% crop often misses the object; the paper's values barely learn in a
-  3-minute run (README: the sweep).
+  at 32 px an 8% crop often misses the object. Both are measured against the paper's
+  values in docs/simclr.md (`benchmarks/claims.py --claims simclr_departures`).
 - SGD with momentum and weight decay 5e-4, one warm-up epoch (paper: LARS, 1e-6, 10
   warm-up epochs; --optimizer lars).
 - The loss is the mean over the 2N views, half the released code's (nt_xent): at one
@@ -44,12 +44,12 @@ class Args(common.Args):
     weight_decay: float = 5e-4  # paper: 1e-6 with LARS; 5e-4 suits SGD on CIFAR-sized data
     optimizer: str = "sgd"  # sgd (momentum 0.9) | lars (paper, for large batches)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay (paper: 10 warm-up epochs)
-    temperature: float = 0.2  # tau; paper B.9: 0.5 for CIFAR-10 over 1000 epochs; 0.2 learned faster in short runs (README)
+    temperature: float = 0.2  # tau; paper B.9: 0.5 for CIFAR-10 over 1000 epochs; 0.2 learned faster in short runs (docs/simclr.md)
     proj_dim: int = 128  # size of z (paper: 128)
     proj_bn: bool = True  # g as the paper's released code: batch norm after both layers, the output's without centring; --no-proj-bn: the plain MLP of the paper's text (sec. 2.1)
     augment: str = "all"  # comma list of crop, color, blur, or all (crop,color, + blur at >= 96 px); paper Fig. 5
     color_strength: float = 0.5  # colour distortion strength s; paper: 0.5 for CIFAR-10, 1.0 for ImageNet
-    min_crop: float = 0.5  # smallest crop, fraction of the area; paper: 0.08. At 32 px small crops miss the object (README)
+    min_crop: float = 0.5  # smallest crop, fraction of the area; paper: 0.08. At 32 px small crops miss the object (docs/simclr.md)
     sync_bn: bool = True  # under torchrun on GPUs: batch norm statistics over all processes (paper sec. 2.2, global BN)
 
 

@@ -15,13 +15,13 @@ the full Lab image.
     python split_brain.py --halves full --turn-hues --epochs 15   # ours: whole-network halves, turned hues for F2
     python split_brain.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
 
-Departures from the paper (README, split_brain.py):
+Departures from the paper (docs/split_brain.md, with their measured effects):
 - No class rebalancing in either half: the paper's split-brain section defines the loss
   with the soft encoding alone, and its training code is not released.
 - The network: halves of a ResNet backbone with heads at a quarter of the image side,
   where the paper splits AlexNet. Not measured against the paper's.
 - Opt-in, ours: --halves full (each half a whole network, twice the width) and
-  --turn-hues (F2 sees each image's ab turned by a random angle); measured in the README.
+  --turn-hues (F2 sees each image's ab turned by a random angle); measured in docs/split_brain.md.
 """
 from __future__ import annotations
 

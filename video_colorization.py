@@ -22,7 +22,7 @@ propagation with a randomly initialised f.
     python video_colorization.py --dataset davis --data-dir ../shared/data/davis2016-sample --image-size 96 --crop 64 --epochs 30
     torchrun --nproc_per_node=2 video_colorization.py --dataset davis --data-dir DAVIS --backbone resnet18 --image-size 256
 
-Departures from the paper (README, video_colorization.py):
+Departures from the paper (docs/video_colorization.md, with their measured effects):
 - Each frame is embedded on its own (the paper adds a small 3D convolutional network over
   the frames), so a video's embeddings are computed once for every propagation step.
   The backbone is small and trained on built-in videos or DAVIS frames (the paper: a
