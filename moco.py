@@ -17,13 +17,13 @@ consistent. The training loop below follows the paper's Algorithm 1 line by line
     python moco.py --dataset cifar10 --data-dir data --backbone resnet18 --epochs 200 --batch-size 512 --lr 0.06 \\
         --min-crop 0.08 --workers 8
 
-Departures from the paper (docs/moco.md, with their measured effects). The defaults are those of the official MoCo
-CIFAR-10 demo, the paper's method scaled to CIFAR-sized data: K = 4096, m = 0.99,
-t = 0.1, weight decay 5e-4, cosine schedule, split batch norm over 8 blocks of the batch
-(one device's stand-in for the paper's shuffled BN across GPUs), the demo's augmentation
-(v2's colour jitter; --augmentation v1 for the paper's). Ours beyond that:
+Departures from the paper (docs/moco.md, with their measured effects). The defaults are
+those of the official MoCo CIFAR-10 demo, the paper's method scaled to CIFAR-sized data:
+K = 4096, m = 0.99, t = 0.1, weight decay 5e-4, cosine schedule, split batch norm over 8
+blocks of the batch (one device's stand-in for the paper's shuffled BN across GPUs), the
+demo's augmentation (v2's colour jitter; --augmentation v1 for the paper's). Ours beyond that:
 - Smallest crop 0.5 of the area (demo: 0.08, paper: 0.2): at 32 px small crops miss the
-  object; measured against 0.08 in docs/moco.md (`benchmarks/claims.py --claims moco_departures`).
+  object; measured against 0.08 in docs/moco.md (claims.py --claims moco_departures).
 """
 from __future__ import annotations
 

@@ -229,7 +229,8 @@ def demo_measures(a, out: Path) -> dict:
     demo = ns["test"](FromDemoInput(f_q, normalise.mean, normalise.std).eval(), ns["memory_loader"],
                       ns["test_loader"], 0, ns["args"])
     device = common.pick_device(a.device)
-    ours = knn_both(f_q, common.load_image_data(common.parse_args(moco.Args, moco_argv(a, out / "unused"))), device)
+    data = common.load_image_data(common.parse_args(moco.Args, moco_argv(a, out)))  # the images moco.py reads; --out unused
+    ours = knn_both(f_q, data, device)
     text = "\n".join([
         f"f_q of {a.checkpoint} (step {state['step']}), kNN on the head output:", "",
         "| monitor | kNN top-1 (%) |", "|---|---|", f"| the demo's test() | {demo:.2f} |",
