@@ -1407,8 +1407,8 @@ class Run:
         self.cuda = self.device.type == "cuda"
         self.amp = args.amp and self.cuda
         self.channels_last = uses_channels_last(self.device)
-        # Each process gets its own seed so augmentations differ between processes;
-        # the weights still start equal, since DDP copies rank 0's weights to all.
+        # Each process gets its own seed so augmentations differ between processes; what the
+        # run keeps still starts equal: steps() gives every process rank 0's (see _share).
         torch.manual_seed(args.seed + self.rank)
 
         if not self.out:
@@ -1432,7 +1432,7 @@ class Run:
                 raise WriteFailed(self.out / "log.jsonl", e) from None
 
         self.step = self.epoch = self.steps_per_epoch = self.total_steps = self.last_step = 0  # set by steps()
-        self.stop_signal, self._in_steps = 0, False
+        self.stop_signal, self._stop_time, self._in_steps = 0, 0.0, False
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
             self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._meter, self._last_print, self._start = {}, time.time(), time.time()
@@ -1559,6 +1559,8 @@ class Run:
         self.total_steps = self.args.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, self.args.max_steps) if self.args.max_steps else self.total_steps
         step = self.step = self._restore(parts)
+        if step == 0 and self.distributed:
+            self._share(parts)  # every process starts from rank 0's state (a resumed run: from the checkpoint's)
         self.epoch = min(step // self.steps_per_epoch, self.args.epochs - 1)
         self._first_step, self._start, self._last_print = step, time.time(), time.time()
         self._last_save = self._epoch_start = time.time()
@@ -1591,7 +1593,7 @@ class Run:
         finally:
             self._in_steps = False
         if self.stop_signal:  # also one that came during the last epoch_end()
-            self.print(f"stopped at step {step}; continue with: python {self.method}.py --resume {self.out}")
+            self.print(f"stopped at step {step}; continue with: {self._launcher()} {self.method}.py --resume {self.out}")
             raise Stopped(self.stop_signal)
         if self.distributed:  # training is over: leave the group together; rank 0 evaluates alone
             dist.barrier()
@@ -1654,18 +1656,31 @@ class Run:
             return self.stop_signal, due
         t = torch.tensor([self.stop_signal, int(due)], device=self.device if self.device.type != "mps" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        self.stop_signal = int(t[0])
+        if int(t[0]) and not self.stop_signal:  # another process was signalled first
+            self.stop_signal, self._stop_time = int(t[0]), time.time()
         return self.stop_signal, bool(t[1])
 
     def _on_signal(self, signum, frame):
         if self._in_steps and not self.stop_signal:
-            self.stop_signal = signum
+            self.stop_signal, self._stop_time = signum, time.time()
             self.print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
                        f"(a second signal stops at once) ...")
+            return
+        if self._in_steps and signum == self.stop_signal and time.time() - self._stop_time < 1:
+            # The same request again: a terminal's Ctrl-C (or a scheduler's SIGTERM) reaches torchrun
+            # as well as its processes, and torchrun passes it on. Only a later one means "now".
             return
         # Outside the steps (loading data, evaluating) or a second signal: leave now.
         self.print(f"\nsignal {signum}: stopping now; {self._kept()}")
         raise Stopped(signum)
+
+    def _launcher(self) -> str:
+        """How this run was started, for the command that continues it (with as many processes)."""
+        if not self.distributed:
+            return "python"
+        if int(os.environ.get("LOCAL_WORLD_SIZE", self.world)) == self.world:
+            return f"torchrun --nproc_per_node={self.world}"
+        return f"torchrun (as before: {self.world} processes)"
 
     def _kept(self) -> str:
         if self._saved is None:
@@ -1696,6 +1711,24 @@ class Run:
             except WriteFailed as e:  # the last good checkpoint stays as it was
                 fail(f"{e}; stopping at step {step}, {self._kept()}", code=WRITE_FAILED)
         self._saved, self._last_save = (step, self.out), time.time()
+
+    @torch.no_grad()
+    def _share(self, parts: dict):
+        """Rank 0's parts to every process, before the first step. Each process seeds its
+        random state with --seed + rank (its augmentations differ), so whatever a method
+        builds at random or from the data it sees starts different on each: DDP makes the
+        module it wraps equal, and only that one. Everything else the checkpoint holds (MoCo's
+        key encoder f_k and queue, its memory bank, video colorization's colour centres) is
+        made equal here; the methods then change it only by values every process has (DDP's
+        averaged gradients, gathered keys). Optimisers hold no state before the first step."""
+        for part in parts.values():
+            if isinstance(part, torch.optim.Optimizer):
+                continue
+            for t in [part] if isinstance(part, torch.Tensor) else unwrap(part).state_dict().values():
+                on_device = t.to(self.device)  # NCCL sends GPU tensors only (jigsaw's permutations are on the CPU)
+                dist.broadcast(on_device, src=0)
+                if on_device is not t:
+                    t.copy_(on_device)
 
     def _restore(self, parts: dict) -> int:
         """Load --resume's checkpoint into `parts` and this process's random state; its step."""

@@ -180,6 +180,7 @@ def train(args: Args):
               f"chance level of the loss: log(1 + K) = {chance:.3f}")
 
     total_steps = args.epochs * len(loader)
+    # run.steps() starts every process from rank 0's parts: one f_k and one queue for all, as DDP's one f_q
     parts = {"f_q": f_q, "f_k": f_k, "queue": moco.queue, "queue_ptr": moco.queue_ptr, "optimizer": optimizer}
     f_q.train()
     f_k.train()
@@ -362,7 +363,7 @@ def train_other_dictionary(args: Args):
     run.print(f"negatives: {args.negatives}, K = {K}; chance level of the loss: log(1 + K) = {chance:.3f}")
 
     total_steps = args.epochs * len(loader)
-    parts = {"f_q": f_q, "bank": bank, "optimizer": optimizer}
+    parts = {"f_q": f_q, "bank": bank, "optimizer": optimizer}  # rank 0's bank on every process (run.steps())
     f_q.train()
     monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))
     for step, (images, idx) in run.steps(loader, parts, monitor=monitor):

@@ -244,7 +244,8 @@ def train(args: Args):
     backbone, width = common.build_backbone(args.backbone, args.image_size)
     model = run.prepare(Embedder(backbone, width, args.embed_dim))
     # The colour clusters: k-means on the ab values of training frames at feature
-    # resolution (the resolution colours are copied at), the same on every process.
+    # resolution (the resolution colours are copied at). Each process crops its own frames;
+    # run.steps() gives every process rank 0's centres, as all it keeps in `parts`.
     gen = torch.Generator().manual_seed(0)
     picks = torch.randint(len(clips), (min(len(clips), 512),), generator=gen).tolist()
     _, ab = split_lab(common.to_float(torch.stack([clips[i][0][0] for i in picks]), run.device))

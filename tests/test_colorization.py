@@ -1,15 +1,13 @@
 """colorization.py: ab bins, soft encoding, rebalancing, annealed mean, and the script."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import colorization as col
 import common
-from conftest import ROOT, script_env
+from conftest import differences_between_processes, torchrun
 from test_rotation import tiny
 
 
@@ -130,7 +128,6 @@ def test_a_short_run_beats_grey(tmp_path):
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "colorization.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("colorization.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []

@@ -1,7 +1,5 @@
 """inpainting.py: masks, the reconstruction loss, the model's shapes, and the script."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 
 import common
 import inpainting
-from conftest import ROOT, script_env
+from conftest import differences_between_processes, torchrun
 from test_rotation import run_script, tiny
 
 
@@ -116,10 +114,9 @@ def test_bad_mask_is_one_line(tmp_path):
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "inpainting.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("inpainting.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []
 
 
 def test_hole_sharpness_counts_edges_inside_the_hole_only():

@@ -1,13 +1,11 @@
 """jigsaw.py: the permutation set, the puzzles, and the script."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import jigsaw
-from conftest import ROOT, script_env
+from conftest import differences_between_processes, torchrun
 from test_rotation import run_script, tiny
 
 
@@ -152,8 +150,7 @@ def test_too_small_image_size_is_one_line(tmp_path):
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "jigsaw.py", *tiny(tiny_folder, tmp_path, "--image-size", "32", "--tile", "9",
-                                              "--num-perms", "10", "--max-steps", "3", "--no-eval")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("jigsaw.py", *tiny(tiny_folder, tmp_path, "--image-size", "32", "--tile", "9", "--num-perms", "10",
+                                       "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []  # the permutations among them

@@ -1,8 +1,6 @@
 """moco.py: logits, queue, momentum update, split BN, shuffling, and the script."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from conftest import ROOT, script_env
+from conftest import differences_between_processes, torchrun
 from test_rotation import run_script, tiny
 
 
@@ -188,13 +186,20 @@ def test_a_short_run_beats_random_init(tmp_path):
 
 
 def test_moco_under_torchrun_two_processes(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "moco.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval",
-                                            "--queue-size", "64")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    """Both processes hold one f_k and one queue (DDP makes f_q equal, and only f_q). The
+    queue (K = 4096) is longer than the keys of 3 steps, so its random start must agree too."""
+    proc = torchrun("moco.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert int(state["queue_ptr"]) == 3 * 32 % 64  # keys of both processes entered the queue
+    assert int(state["queue_ptr"]) == 3 * 32  # keys of both processes entered the queue
+    assert differences_between_processes(tmp_path) == []
+
+
+def test_the_memory_bank_is_one_bank_under_torchrun(tiny_folder, tmp_path):
+    proc = torchrun("moco.py", *tiny(tiny_folder, tmp_path, "--negatives", "memory-bank", "--queue-size", "64",
+                                     "--max-steps", "3", "--no-eval"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []  # the bank, refreshed from every process's queries
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -1,13 +1,11 @@
 """patch_location.py: the geometry of the pairs, the colour defences, and the script."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import patch_location as pl
-from conftest import ROOT, script_env
+from conftest import differences_between_processes, torchrun
 from test_rotation import run_script, tiny
 
 
@@ -135,9 +133,8 @@ def test_too_small_image_size_is_one_line_naming_the_options(tmp_path):
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "patch_location.py", *tiny(tiny_folder, tmp_path, "--image-size", "32", "--patch", "8",
-                                                      "--gap", "3", "--jitter", "1", "--max-steps", "3", "--no-eval")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("patch_location.py", *tiny(tiny_folder, tmp_path, "--image-size", "32", "--patch", "8", "--gap", "3",
+                                               "--jitter", "1", "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import common
 import rotation
-from conftest import ROOT, script_env
+from conftest import ROOT, differences_between_processes, script_env, torchrun
 
 
 # -- pretext data ---------------------------------------------------------------
@@ -163,10 +163,9 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tiny_folder, tmp_path, 
 
 
 def test_two_process_torchrun_on_cpu(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "rotation.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("rotation.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []
     assert "2 process(es)" in proc.stdout
     assert proc.stdout.count("rotation done") == 1  # rank 0 alone prints and evaluates
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

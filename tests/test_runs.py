@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import common
 import rotation
-from conftest import ROOT, script_env
+from conftest import PER_PROCESS, ROOT, checkpoint_tensors, differences_between_processes, script_env
 
 SCRIPTS = ["rotation.py", "patch_location.py", "jigsaw.py", "inpainting.py", "colorization.py", "split_brain.py",
            "video_colorization.py", "simclr.py", "moco.py", "common.py", "builtin_data.py",
@@ -225,23 +225,49 @@ def test_sigterm_mid_epoch_then_bare_resume_equals_the_uninterrupted_run(tiny_fo
             assert torch.equal(reference[key], encoder[key]), (how.name, key)
 
 
-def test_two_processes_stopped_and_resumed_end_as_the_uninterrupted_run(tiny_folder, tmp_path):
-    """Under torchrun every process's random state is in the checkpoint, so a resumed
-    two-process run ends in the weights of the one never stopped."""
-    def torchrun(*argv):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "rotation.py", *argv], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+@pytest.mark.parametrize("method, options", [
+    ("rotation.py", ()),
+    ("moco.py", ("--bn-splits", "2", "--queue-size", "256")),  # f_k and the queue: state outside DDP
+])
+def test_two_processes_stopped_by_sigterm_mid_epoch_resume_as_the_uninterrupted_run(tiny_folder, tmp_path, method,
+                                                                                     options):
+    """torchrun passes SIGTERM to every process; they finish the step together, save and
+    stop. A bare --resume then ends where the run that was never stopped ends, on every
+    process: rank 0 in everything it holds, rank 1 too, but for its batch-norm running
+    statistics (the checkpoint holds rank 0's)."""
+    def argv(out, *extra):  # 20 steps an epoch: 80 images per process, 4 at a time
+        return [method, *tiny(tiny_folder, out, "--batch-size", "4", "--epochs", "3", "--no-eval", *options), *extra]
 
-    torchrun(*tiny(tiny_folder, tmp_path / "straight", "--epochs", "2", "--no-eval"))  # 5 steps an epoch
-    torchrun(*tiny(tiny_folder, tmp_path / "split", "--epochs", "2", "--no-eval", "--max-steps", "7"))
-    assert "at step 7" in torchrun("--resume", str(tmp_path / "split")).stdout
-    a = torch.load(tmp_path / "straight" / "encoder.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "encoder.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    rngs = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["rng"]
+    def launch(*argv):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "tests/dist_state.py", *map(str, argv)], cwd=ROOT, env=script_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finished(proc):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        return stdout
+
+    finished(launch(*argv(tmp_path / "straight")))
+    out = tmp_path / "stopped"
+    proc = launch(*argv(out))
+    wait_for(lambda: proc.poll() is not None or any(s > 21 for s in logged_steps(out)))  # inside the second epoch
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 21 < stopped < 60 and stopped % 20 != 0, stopped
+    assert f"stopped at step {stopped}; continue with: torchrun --nproc_per_node=2 {method} --resume {out}" in stdout
+    assert f"at step {stopped}" in finished(launch(method, "--resume", out))
+    for rank in (0, 1):
+        straight, resumed = (dict(checkpoint_tensors(torch.load(folder / f"state-rank{rank}.pt", weights_only=True)))
+                             for folder in (tmp_path / "straight", out))
+        assert straight.keys() == resumed.keys()
+        differ = [name for name in straight if not torch.equal(straight[name], resumed[name])
+                  and not (rank > 0 and name.endswith(PER_PROCESS))]
+        assert differ == [], (rank, differ)
+    assert differences_between_processes(out) == []
+    rngs = torch.load(out / "checkpoint.pt", weights_only=True)["rng"]  # augmentations differ between processes
     assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
 
 
@@ -324,6 +350,24 @@ def test_a_second_signal_stops_at_once(tiny_folder, tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-2000:]
     assert "saving a checkpoint after this step" in stdout and "stopping now" in stdout
+
+
+def test_the_same_signal_twice_within_a_second_is_one_request(tiny_folder, tmp_path):
+    """Ctrl-C under torchrun reaches each process twice: from the terminal and passed on by
+    torchrun. The repeat still lets the step finish and the checkpoint be written."""
+    out = tmp_path / "run"
+    proc = start("rotation.py", *tiny(tiny_folder, out, "--image-size", "96", "--epochs", "100", "--no-eval"))
+    assert wait_for(lambda: len(logged_steps(out)) >= 2)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:  # the first signal has been handled: the next one is a second call
+        if "saving a checkpoint after this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert f"stopped at step {step}; continue with: python rotation.py --resume {out}" in stdout, stdout[-2000:]
+    assert "stopping now" not in stdout
 
 
 def test_main_from_python_leaves_no_handler_behind_and_raises_a_run_error(tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import simclr
-from conftest import ROOT, script_env
+from conftest import ROOT, differences_between_processes, script_env, torchrun
 from test_rotation import run_script, tiny
 
 
@@ -110,10 +110,9 @@ def test_a_short_run_learns(tmp_path):
 
 
 def test_simclr_under_torchrun_two_processes(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "simclr.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("simclr.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []
     assert "negatives per view: 62" in proc.stdout  # 2 x 16 x 2 processes - 2
 
 

@@ -1,14 +1,12 @@
 """split_brain.py: the split of channels and network, the targets, and the script."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import split_brain as sb
-from conftest import ROOT, script_env
+from conftest import differences_between_processes, torchrun
 from test_rotation import tiny
 
 
@@ -111,10 +109,9 @@ def test_a_short_run_beats_constant_guesses(tmp_path):
 
 
 def test_two_process_torchrun(tiny_folder, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "split_brain.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval")],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = torchrun("split_brain.py", *tiny(tiny_folder, tmp_path, "--max-steps", "3", "--no-eval"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences_between_processes(tmp_path) == []
 
 
 def test_bad_halves_is_one_line(tmp_path):
