@@ -1151,22 +1151,44 @@ def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def build_backbone(name: str, image_size: int, half: bool = False) -> tuple[nn.Module, int]:
     """(module mapping normalised images (N, 3, H, W) to features (N, width), width).
 
-    half: a network of half the width, for split-brain's `--halves half`; torchvision's
-    ResNets have fixed widths, so there it is the full network."""
+    half: the same network with half the channels at every stage (a quarter of the
+    parameters, half the feature width), for split-brain's `--halves half`: two such
+    halves together are as wide as one network (Zhang et al. 2017, sec. 3)."""
     if name == "small":
         return (SmallResNet((8, 16, 32, 64)), 64) if half else (SmallResNet(), 128)
     import torchvision
     if name not in ("resnet18", "resnet50"):
         fail(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
     net = getattr(torchvision.models, name)(weights=None)
-    width = net.fc.in_features
+    width = _narrow(net, 2) if half else net.fc.in_features
     if image_size <= 64:
         # CIFAR stem (SimCLR paper, appendix B.9): a 3x3 stride-1 first convolution and
         # no max-pool, so 32 px images are not shrunk 4x before the first stage.
-        net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()  # the saved state_dict then matches torchvision's ResNet minus fc
     return net, width
+
+
+def _narrow(net: nn.Module, divide: int) -> int:
+    """Rebuild torchvision's ResNet `net` with every stage's channels divided by `divide`:
+    the same blocks, depths and attribute names (so its state_dict keys are torchvision's),
+    initialised as torchvision initialises its ResNets. Returns its feature width."""
+    block = type(net.layer1[0])
+    base = 64 // divide
+    net.inplanes = base  # torchvision's _make_layer builds each stage from this width on
+    net.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(base)
+    for i in range(4):
+        layer = f"layer{i + 1}"
+        setattr(net, layer, net._make_layer(block, base * 2 ** i, len(getattr(net, layer)), stride=1 if i == 0 else 2))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net.inplanes  # the last stage's output channels
 
 
 # ---------------------------------------------------------------------------

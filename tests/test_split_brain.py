@@ -23,18 +23,35 @@ def test_each_half_sees_only_its_own_channels():
     assert out1.shape == (2, 7, 8, 8) and out2.shape == (2, 5, 8, 8)
 
 
-def test_halves_and_the_representation_that_concatenates_them():
-    full, width = common.build_backbone("small", 32)
+@pytest.mark.parametrize("backbone, image_size", [("small", 32), ("resnet18", 32), ("resnet18", 96)])
+def test_halves_and_the_representation_that_concatenates_them(backbone, image_size):
+    """--halves half (the default, the paper's): each half has half the channels at every
+    stage, so about a quarter of the parameters, and the two together are one network's
+    width; --halves full (ours): each half a whole network."""
+    full, width = common.build_backbone(backbone, image_size)
     size = sum(p.numel() for p in full.parameters())
-    whole = sb.SplitBrain("small", 32, 7, 5)  # --halves full (ours): each half a whole small network
-    paper = sb.SplitBrain("small", 32, 7, 5, half_width=True)  # --halves half (default): one network split in two
+    whole = sb.SplitBrain(backbone, image_size, 7, 5)
+    paper = sb.SplitBrain(backbone, image_size, 7, 5, half_width=True)
     assert sb.Args().halves == "half" and not sb.Args().turn_hues  # the default is the paper's split
-    assert whole.width == 2 * width and paper.width == width == 128
+    assert whole.width == 2 * width and paper.width == width == {"small": 128, "resnet18": 512}[backbone]
     assert 0.95 * size < sum(p.numel() for p in whole.f1.parameters()) < size
-    assert sum(p.numel() for p in paper.f1.parameters()) < 0.3 * size
+    for half in (paper.f1, paper.f2):
+        assert 0.24 * size < sum(p.numel() for p in half.parameters()) < 0.26 * size
+        stages = [getattr(half, f"layer{i}")[-1].bn2.num_features for i in range(1, 5)]
+        assert stages == [getattr(full, f"layer{i}")[-1].bn2.num_features // 2 for i in range(1, 5)]
     for model in (whole, paper):
-        feats = sb.SplitBrainEncoder(model).eval()(torch.rand(3, 3, 32, 32))
-        assert feats.shape == (3, model.width)
+        feats = sb.SplitBrainEncoder(model).eval()(torch.rand(2, 3, image_size, image_size))
+        assert feats.shape == (2, model.width)
+
+
+def test_a_resnet_run_saves_half_width_halves_that_load_as_documented(tiny_folder, tmp_path):
+    """docs/split_brain.md: encoder.pt loads into SplitBrainEncoder(SplitBrain(backbone, image size, ...))."""
+    sb.main(tiny(tiny_folder, tmp_path, "--backbone", "resnet18", "--max-steps", "1", "--no-eval"))
+    state = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    encoder = sb.SplitBrainEncoder(sb.SplitBrain("resnet18", 32, 1, 1, half_width=True))
+    encoder.load_state_dict(state)  # strict: every key, every shape
+    assert state["f1.layer4.1.conv2.weight"].shape == (256, 256, 3, 3)
+    assert encoder.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 512)
 
 
 def test_targets_are_soft_encodings_over_the_nearest_bins():
