@@ -11,8 +11,8 @@ table measures the committed code, a method that fails is reported as failed whi
 the rest still run, and the peak memory is that method's own (resident set on the
 CPU, allocated memory on a GPU). Every figure is read from the run's eval.json.
 The image methods share the dataset, backbone, epochs or steps and, with
---image-size, the image size (otherwise each uses its default: patch location and
-jigsaw need 64 px for their grids). Video colorization trains on videos (the
+--image-size, the image size (otherwise each uses its default: patch location needs
+80 px for its grid, jigsaw 64 px for its puzzle). Video colorization trains on videos (the
 built-in ones, or --davis-dir) and gets its own table, with region similarity J.
 Output: <out>/table.md, <out>/results.json, and each run in <out>/<method>/.
 """
