@@ -16,6 +16,9 @@ learned the features it evaluates with L_rec alone and random-region holes
     python inpainting.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
 
 Departures from the paper (docs/inpainting.md, with their measured effects):
+- The loss: 0.999 L_rec + 0.001 L_adv by default, the lecture's and the paper's loss for
+  inpainting, where the paper learned the features it evaluates with L_rec alone
+  (--adv-weight 0). Measured against it in docs/inpainting.md (inpainting_adversarial).
 - Random holes: L_rec is the squared error over the whole output, the context weighted
   as the hole (--context-weight 1), as the released code trains them; the paper's eq. 1
   counts the hole only (--context-weight 0). The discriminator judges the whole output

@@ -28,8 +28,8 @@ Departures from the paper (docs/video_colorization.md, with their measured effec
   The backbone is small and trained on built-in videos or DAVIS frames (the paper: a
   ResNet-18 at 256 px, trained on Kinetics). Not measured against the paper's.
 - Tracking copies labels from the first frame and from the --track-window 3 frames before
-  the target (their predicted labels) at --track-temperature 0.5; these two settings are
-  ours, not checked against the paper's inference.
+  the target (their predicted labels), at --track-temperature 0.5 (1 in training): the
+  values public re-implementations of the paper use; not checked against its text.
 - Opt-in, from later work: --topk and --radius limit the pointer when tracking.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Args(common.Args):
     clusters: int = 16  # k-means colour clusters of the ab values (paper: 16)
     embed_dim: int = 64  # embedding size per location (paper: 64)
     temperature: float = 1.0  # softmax temperature of the pointer while training (paper: 1)
-    track_temperature: float = 0.5  # softmax temperature when propagating masks
+    track_temperature: float = 0.5  # softmax temperature when propagating masks (public re-implementations of the paper: 0.5)
     track_window: int = 3  # recent frames (with their predicted masks) used as references besides the first frame
     topk: int = 0  # tracking: keep only the k most similar reference locations per target location (0: all, the paper's pointer; k > 0 from later work, Lai & Xie 2019)
     radius: int = 0  # tracking: only reference locations within this many feature cells of the target location (0: anywhere, the paper's; r > 0 from later work, Lai & Xie 2019, Jabri et al. 2020)

@@ -74,6 +74,16 @@ def test_the_window_search_finds_the_same_bins_as_the_full_search(bins):
         assert torch.equal(col.soft_encode(ab, bins, table=table), col.soft_encode(ab, bins))
 
 
+def test_targets_are_pixels_at_the_output_stride_not_means():
+    """The released code's data_ab_ss: every 4th pixel. A sharp edge between two colours
+    stays two colours; a mean would make a third that no pixel has."""
+    ab = torch.randn(2, 2, 32, 32) * 40
+    assert torch.equal(col.ab_at(ab, 8), ab[..., ::4, ::4])
+    edge = torch.zeros(1, 2, 32, 32)
+    edge[..., :, 18:] = 60.0  # the edge inside the 4x4 block of columns 16-19
+    assert set(col.ab_at(edge, 8).unique().tolist()) == {0.0, 60.0}
+
+
 def test_rebalancing_weights_have_prior_mean_one_and_favour_rare_bins():
     prior = torch.tensor([0.7, 0.2, 0.09, 0.01])
     w = col.rebalance_weights(prior, lam=0.5)
