@@ -21,6 +21,7 @@ Departures from the paper (docs/colorization.md, with their measured effects):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,9 @@ import common
 
 @dataclass
 class Args(common.Args):
+    # Photos: whole images kept with their shorter side at 256/176 of --image-size, as the
+    # released code trains on random 176 px crops of 256 px images (--load-size overrides).
+    LOAD_SCALE: ClassVar[float] = 256 / 176
     epochs: int = 20  # sized for the 3-minute CPU budget on the built-in data (paper: 450k steps)
     batch_size: int = 64  # paper: 40; 64 gives twice the steps of 128 in the same number of epochs
     lr: float = 1e-3  # Adam (paper: 3e-5 for ImageNet over 450k steps; 1e-3 for a few thousand here)
@@ -185,6 +189,16 @@ def multinomial_loss(logits: torch.Tensor, Z: torch.Tensor, v: torch.Tensor) -> 
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
+def augment(x, args: Args) -> torch.Tensor:
+    """The released code's crop and mirror (its data layer: crop_size 176, mirror). Photos
+    (whole images kept at --load-size): a random --image-size window; images that are
+    --image-size squares already (the built-in shapes, CIFAR-10): the whole image. Either
+    flipped at random."""
+    if isinstance(x, common.WholeImages):
+        return common.random_crop(x, args.image_size, flip=True)
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))
+
+
 def train(args: Args):
     if args.loss not in ("classification", "regression"):
         common.fail(f"--loss must be classification or regression, not {args.loss}")
@@ -219,8 +233,7 @@ def train(args: Args):
     monitor = (data, lambda: LightnessEncoder(net.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
-        x = run.to_device(images)
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
+        x = augment(run.to_device(images), args)  # (N, 3, S, S)
         L, ab = split_lab(x)  # (N, 1, H, W), (N, 2, H, W)
         ab = ab_at(ab, net.out_size)  # targets at the output size, H/4
         with run.autocast():
@@ -301,6 +314,7 @@ def test_ab_error(model, dataset, bins, args, device, batch_size=256) -> dict:
 @torch.no_grad()
 def save_grid(model, dataset, bins, args, device, path, n: int = 8):
     """Rows: greyscale input, colourised output, original."""
+    n = min(n, len(dataset))  # a test split may be smaller than a row
     x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
     was_training = model.training
     model.eval()

@@ -81,9 +81,8 @@ class Args:
     dataset: str = "shapes"  # shapes (built-in, no files) | cifar10 | cifar100 | stl10 | folder
     data_dir: str = "data"  # where cifar10/cifar100/stl10 live, or the image folder for --dataset folder
     download: bool = False  # let torchvision download cifar10/cifar100/stl10 into --data-dir
-    image_size: int = 32  # side of the square images the networks see (image folders: see --load-size and --min-crop)
-    load_size: int = 0  # image folders: shorter side at which whole training images are kept (0: image_size / 0.875)
-    min_crop: float = 0.08  # image folders: smallest training crop, as a fraction of the whole image's area (RandomResizedCrop)
+    image_size: int = 32  # side of the square images the networks see (image folders: see --load-size)
+    load_size: int = 0  # image folders: shorter side at which whole training images are kept, for the method to crop (0: its own, see its doc; most: image_size / 0.875)
     backbone: str = "small"  # small (CPU default) | resnet18 | resnet50 (CIFAR stem at <= 64 px)
     epochs: int = 5  # passes over the pretraining set
     batch_size: int = 128  # images per optimiser step and per process (under torchrun, global = this x processes)
@@ -502,8 +501,8 @@ class WholeImages:
 
 def collate_whole(batch):
     """Collate (image, label) pairs of whole images of any size into WholeImages (padded to
-    the largest). Run.to_device crops them, or, when they all are --image-size squares
-    already, takes them as they are."""
+    the largest). Each method crops them its own way; Run.to_device takes a batch of
+    --image-size squares as a plain batch."""
     images, labels = zip(*batch)
     labels = torch.as_tensor(labels)
     h, w = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
@@ -769,12 +768,19 @@ def _builtin_images(size: int):
     return shapes.make_shapes(10_000, size, seed=0), shapes.make_shapes(2_000, size, seed=1)
 
 
+def load_side(args) -> int:
+    """The shorter side whole training photos are kept at, for the method to crop from:
+    --load-size, else the method's own LOAD_SCALE x --image-size (its paper's load-then-crop
+    geometry, a ClassVar of its Args), else --image-size / 0.875 (256 for 224 crops)."""
+    return args.load_size or round(args.image_size * getattr(args, "LOAD_SCALE", 1 / 0.875))
+
+
 def _load_folder(args) -> ImageData:
     root = Path(args.data_dir)
     classes, train, test, summary = folder_splits(root)
     _say(summary)
     size, total = args.image_size, len(train) + len(test)
-    keep = args.load_size or round(size / 0.875)
+    keep = load_side(args)
     # Kept in memory: the whole training images at the load size (4:3 assumed for the
     # estimate) and the evaluation squares of both splits.
     in_memory = len(train) * 3 * keep * keep * 4 // 3 + total * 3 * size ** 2 <= _CACHE_BYTES
@@ -785,13 +791,13 @@ def _load_folder(args) -> ImageData:
         for split, kept, bad in (("training", train, bad_train), ("test", test, bad_test)):
             if not kept:
                 fail(f"none of the {len(bad)} {split} image files in {root} can be read (first: {bad[0]})")
-        sets = (FolderImages(train, size, args.load_size, "train"), FolderImages(train, size),
+        sets = (FolderImages(train, size, keep, "train"), FolderImages(train, size),
                 FolderImages(test, size))
     else:
         _say(f"decoding {total} image files from {root} into memory ...")
         workers = min(args.workers, os.cpu_count() or 1)
-        key = f"{root.resolve()}|{size}|{args.load_size}|{total}"
-        parts = [_once_per_machine(lambda: decode_to_memory(s, size, args.load_size, workers, whole), f"{key}|{i}")
+        key = f"{root.resolve()}|{size}|{keep}|{total}"
+        parts = [_once_per_machine(lambda: decode_to_memory(s, size, keep, workers, whole), f"{key}|{i}")
                  for i, (s, whole) in enumerate(((train, True), (test, False)))]
         problems, small = parts[0]["problems"] + parts[1]["problems"], parts[0]["small"] + parts[1]["small"]
         for split, part, samples in (("training", parts[0], train), ("test", parts[1], test)):
@@ -971,6 +977,27 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     cols = torch.where(flip, cols.flip(-1), cols)
     batch = torch.arange(n, device=x.device).view(n, 1, 1)
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def random_crop(x: WholeImages, size: int, flip: bool = False) -> torch.Tensor:
+    """A `size` x `size` window of each whole image, at a uniformly random place inside the
+    image's own size, with a random horizontal flip if `flip`: torchvision's RandomCrop
+    (and RandomHorizontalFlip) on images kept at the load size, batched. Pixels are taken
+    as they are (no resampling); float (N, 3, size, size) in [0, 1]."""
+    pixels, dev = x.pixels, x.pixels.device
+    hw = x.sizes.to(dev)
+    if bool((hw < size).any()):
+        raise ValueError(f"an image of {tuple(hw.min(0).values.tolist())} px is smaller than the {size} px crop")
+    n = len(pixels)
+    top = (torch.rand(n, device=dev) * (hw[:, 0] - size + 1)).long().view(n, 1, 1)
+    left = (torch.rand(n, device=dev) * (hw[:, 1] - size + 1)).long().view(n, 1, 1)
+    r = torch.arange(size, device=dev)
+    cols = r.view(1, 1, size).expand(n, 1, size)
+    if flip:
+        cols = torch.where(torch.rand(n, 1, 1, device=dev) < 0.5, cols.flip(-1), cols)
+    batch = torch.arange(n, device=dev).view(n, 1, 1)
+    out = pixels.permute(0, 2, 3, 1)[batch, top + r.view(1, size, 1), left + cols].permute(0, 3, 1, 2)
+    return out.float().div_(255) if out.dtype == torch.uint8 else out.contiguous()
 
 
 def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
@@ -1819,20 +1846,17 @@ class Run:
             model = torch.compile(model)
         return model
 
-    def to_device(self, images, whole: bool = False):
-        """A uint8 batch from the loader -> float in [0, 1] on this run's device. Whole images
-        (image folders) become --image-size squares, each a random crop of --min-crop to all
-        of its image's area (RandomResizedCrop), square photos or not, larger or smaller than
-        --image-size; unless `whole`: then they stay WholeImages (uint8), for a method that
-        crops them itself (SimCLR's, MoCo's views). Only a batch of --image-size squares
-        (CIFAR-10 at 32 px) is taken as it is, as a plain batch."""
+    def to_device(self, images):
+        """A batch from the loader, moved to this run's device; nothing is cropped here. Images
+        that are all --image-size squares (the built-in data, CIFAR-10, a folder of 32 px
+        JPEGs at --image-size 32) become a float batch in [0, 1]. Whole photos of other
+        sizes stay WholeImages (uint8, kept at the load size), which each method crops as
+        its own paper does (its `augment` or crop function)."""
         if isinstance(images, WholeImages) and bool((images.sizes == self.args.image_size).all()):
             images = images.pixels  # already --image-size squares: no padding, nothing to crop
         if not isinstance(images, WholeImages):
             return to_float(images, self.device)
-        x = WholeImages(images.pixels.to(self.device, non_blocking=True), images.sizes.to(self.device))
-        return x if whole else random_resized_crop(x, scale=(self.args.min_crop, 1.0), flip=False,
-                                                   size=self.args.image_size)
+        return WholeImages(images.pixels.to(self.device, non_blocking=True), images.sizes.to(self.device))
 
     def format(self, x: torch.Tensor) -> torch.Tensor:
         """The model's input memory layout (channels_last on CUDA, as prepare() set the model)."""

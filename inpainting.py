@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,9 @@ import common
 
 @dataclass
 class Args(common.Args):
+    # Photos: whole images kept with their shorter side at 350/128 of --image-size, as the
+    # released code keeps them at 350 px for its random 128 px crops (--load-size overrides).
+    LOAD_SCALE: ClassVar[float] = 350 / 128
     epochs: int = 12  # sized for the 3-minute CPU budget on the built-in data
     batch_size: int = 128  # paper: 64
     lr: float = 1e-3  # Adam for the context encoder; the discriminator gets a tenth (paper: 10x lower for D)
@@ -181,6 +185,15 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
+def augment(x, args: Args) -> torch.Tensor:
+    """The released code's crop and flip. Photos (whole images kept at --load-size): a random
+    --image-size window; images that are --image-size squares already (the built-in
+    shapes, CIFAR-10): the whole image. Either flipped at random."""
+    if isinstance(x, common.WholeImages):
+        return common.random_crop(x, args.image_size, flip=True)
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))
+
+
 def train(args: Args):
     if args.mask not in ("center", "blocks", "region"):
         common.fail(f"--mask must be center, blocks or region, not {args.mask}")
@@ -209,7 +222,7 @@ def train(args: Args):
     for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(opt_g, common.cosine_lr(step, total_steps, args.lr))
         common.set_lr(opt_d, lr * 0.1)  # the discriminator learns at a tenth of the rate
-        x = run.to_device(images)
+        x = augment(run.to_device(images), args)  # (N, 3, S, S)
         m = make_masks(len(x), x.shape[-1], args.mask, args.hole, x.device)  # (N, 1, H, W): 1 = dropped
         with run.autocast():
             x_hat = model(run.format(mask_images(x, m))).float()  # F((1 - M) * x)
@@ -296,6 +309,7 @@ def save_grid(model, dataset, args, device, path, n: int = 8):
     """Rows: masked input, the context encoder's fill, the original."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the same masks every time, so grids of different runs compare
+    n = min(n, len(dataset))  # a test split may be smaller than a row
     x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
     m = make_masks(n, x.shape[-1], args.mask, args.hole, device)
     torch.random.set_rng_state(gen_state)

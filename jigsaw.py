@@ -198,6 +198,14 @@ def permutation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
+def crop_window(x, args: Args) -> torch.Tensor:
+    """The window a puzzle is cut from. Photos (whole images kept at --load-size, by default
+    --image-size / 0.875): a random --image-size square of each, as the paper's random
+    225 x 225 window of a 256 px image (sec. 3.3). Images that are --image-size squares
+    already (the built-in shapes, CIFAR-10): the whole image."""
+    return common.random_crop(x, args.image_size) if isinstance(x, common.WholeImages) else x
+
+
 def train(args: Args):
     if args.tile < 8:
         common.fail(f"--tile must be at least 8 px, not {args.tile}")
@@ -225,7 +233,8 @@ def train(args: Args):
     monitor = (data, lambda: TileNormalizedEncoder(net.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        tiles, y = make_puzzle(run.to_device(images), perms, args.tile, args.channel_jitter)  # (N, 9, 3, t+2j, t+2j)
+        x = crop_window(run.to_device(images), args)  # (N, 3, S, S)
+        tiles, y = make_puzzle(x, perms, args.tile, args.channel_jitter)  # (N, 9, 3, t+2j, t+2j)
         grey = torch.rand(len(tiles), device=tiles.device) < args.grey  # chromatic aberration: some images grey,
         tiles = normalize_tiles(chromatic_jitter(tiles, args.channel_jitter, grey))  # the rest's channels moved
         with run.autocast():

@@ -187,7 +187,7 @@ def train(args: Args):
     monitor = (data, lambda: encoder_of(moco.f_q.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, schedule(step, total_steps, args))
-        x = run.to_device(images, whole=True)  # a minibatch of N images (whole images for image folders)
+        x = run.to_device(images)  # a minibatch of N images (whole images for image folders)
         x_q, x_k = augment(x, args), augment(x, args)  # two random augmentations
         N = len(x)
         with run.autocast():
@@ -368,7 +368,7 @@ def train_other_dictionary(args: Args):
     monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))
     for step, (images, idx) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, schedule(step, total_steps, args))
-        x = run.to_device(images, whole=True)
+        x = run.to_device(images)
         N = len(x)
         with run.autocast():
             q = F.normalize(f_q(run.format(augment(x, args))).float(), dim=1)  # queries: N x C

@@ -20,12 +20,15 @@ each patch on its own and downsamples a third of them at random; so does this.
 Departures from the paper (docs/patch_location.md, with their measured effects):
 - Scaled down: 16 px patches in 80 px images (the paper: 96 px patches in images of
   390-670 px a side, about the same share of the side), gap and jitter in proportion.
+- Photos are kept with their shorter side at --image-size, not rescaled at random to
+  150k-450k px as the paper's. Not measured.
 - Head: one hidden layer on the two concatenated features, where the paper has fc6 per
   branch, then fc7 and fc8 (AlexNet). Not measured against the paper's.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -36,6 +39,10 @@ import common
 
 @dataclass
 class Args(common.Args):
+    # Photos: whole images kept with their shorter side at --image-size (--load-size overrides),
+    # not cropped: the patches come from anywhere in the whole image, as the paper samples
+    # them from images of 150k-450k px, where a 96 px patch is about a fifth of the side.
+    LOAD_SCALE: ClassVar[float] = 1.0
     image_size: int = 80  # paper: images of 150k-450k px (about 390-670 px a side); the grid fills 82% of the side, as there
     epochs: int = 80  # sized for the 3-minute CPU budget on the built-in data (16 px patches are cheap)
     batch_size: int = 128  # patch pairs per step (paper: 128)
@@ -61,7 +68,7 @@ def grid_span(patch: int, gap: int, jitter: int) -> int:
     return 3 * patch + 2 * gap + 2 * jitter
 
 
-def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int):
+def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int, sizes: torch.Tensor | None = None):
     """Centre patches (N, C, p, p), neighbour patches (N, C, p, p) and labels (N,) in 0..7.
 
     As the paper (sec. 3): the 3x3 grid (`patch` px cells, `gap` px apart) is placed
@@ -69,14 +76,18 @@ def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int):
     the centre's 8 neighbours, whatever the grid's place. So where the patches sit says
     nothing about the label (tests: the positional shortcut stays at chance). Each of
     the two patches then moves by its own random offset in [-jitter, jitter] in x and y.
-    Also returns the patches' top-left corners (N, 2, 2: centre/neighbour, y/x) for the tests."""
+    `images` (N, C, H, W); with `sizes` (N, 2), image i is its top-left sizes[i] (photos
+    of different sizes in one padded batch), and the grid lands anywhere inside it, as the
+    paper samples from the whole image. Also returns the patches' top-left corners
+    (N, 2, 2: centre/neighbour, y/x) for the tests."""
     n, _, h, w = images.shape
-    if min(h, w) < grid_span(patch, gap, jitter):
-        raise ValueError(f"images of {h}x{w} px cannot hold a 3x3 grid of {patch} px patches {gap} px apart "
-                         f"with jitter {jitter}")
     dev = images.device
+    sizes = sizes.to(dev) if sizes is not None else torch.tensor([[h, w]], device=dev)
+    if int(sizes.min()) < grid_span(patch, gap, jitter):
+        raise ValueError(f"images of {tuple(sizes.min(0).values.tolist())} px cannot hold a 3x3 grid of {patch} px "
+                         f"patches {gap} px apart with jitter {jitter}")
     step = patch + gap
-    room = torch.tensor([h, w], device=dev) - grid_span(patch, gap, jitter) + 1  # places for the grid, in y and x
+    room = sizes - grid_span(patch, gap, jitter) + 1  # places for the grid in y and x: (1 or N, 2)
     origin = jitter + (torch.rand(n, 2, device=dev) * room).long()  # the grid's top-left cell, uniform
     labels = torch.randint(0, 8, (n,), device=dev)  # then the neighbour, apart from where the grid is
     offset = torch.tensor(POSITIONS, device=dev)[labels] - 1  # (N, 2): the neighbour's cell - the centre's, in -1..1
@@ -89,7 +100,10 @@ def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int):
     centre, neighbour = (hwc[batch, corners[:, i, 0].view(n, 1, 1) + r.view(1, -1, 1),
                              corners[:, i, 1].view(n, 1, 1) + r.view(1, 1, -1)].permute(0, 3, 1, 2)
                          for i in (0, 1))
-    return centre.contiguous(), neighbour.contiguous(), labels, corners
+    centre, neighbour = centre.contiguous(), neighbour.contiguous()
+    if centre.dtype == torch.uint8:  # patches of photos: float in [0, 1], as a float batch's
+        centre, neighbour = centre.float().div_(255), neighbour.float().div_(255)
+    return centre, neighbour, labels, corners
 
 
 def drop_colour(x: torch.Tensor) -> torch.Tensor:
@@ -138,10 +152,11 @@ def normalize_patches(x: torch.Tensor) -> torch.Tensor:
     return x / (x.square().mean((1, 2, 3), keepdim=True).sqrt() + 1e-3)
 
 
-def prepare_patches(images, args, train: bool = True):
-    """Pairs as the network sees them: sampled, downsampled at random (training only),
-    colour dropped or projected, each patch normalised on its own."""
-    centre, neighbour, labels, _ = sample_pairs(images, args.patch, args.gap, args.jitter)
+def prepare_patches(images, args, train: bool = True, sizes=None):
+    """Pairs as the network sees them: sampled (from each image's own `sizes` in a padded
+    batch of photos), downsampled at random (training only), colour dropped or projected,
+    each patch normalised on its own."""
+    centre, neighbour, labels, _ = sample_pairs(images, args.patch, args.gap, args.jitter, sizes)
     if train and args.downsample:
         centre, neighbour = downsample_some(centre, args.downsample), downsample_some(neighbour, args.downsample)
     if args.chroma == "drop":
@@ -204,7 +219,9 @@ def train(args: Args):
     monitor = (data, lambda: PatchNormalizedEncoder(net.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        centre, neighbour, y = prepare_patches(run.to_device(images), args)  # (N, 3, p, p) x 2, (N,): the free labels
+        x = run.to_device(images)  # photos stay whole (WholeImages): the grid lands anywhere in each
+        pixels, sizes = (x.pixels, x.sizes) if isinstance(x, common.WholeImages) else (x, None)
+        centre, neighbour, y = prepare_patches(pixels, args, sizes=sizes)  # (N, 3, p, p) x 2, (N,): the free labels
         with run.autocast():
             logits = model(run.format(centre), run.format(neighbour))  # (N, 8)
             loss = position_loss(logits.float(), y)

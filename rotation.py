@@ -42,6 +42,7 @@ class Args(common.Args):
     lr: float = 0.1  # paper: 0.1 with SGD, batch 128
     weight_decay: float = 5e-4  # paper: 5e-4
     warmup_epochs: float = 0.5  # linear warm-up, then cosine decay (paper: step decay at epochs 30/60/80)
+    min_crop: float = 0.08  # photos: smallest crop, a fraction of the area (released code, ImageNet: RandomSizedCrop, 0.08)
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +122,17 @@ def rotation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
+def augment(x, args: Args) -> torch.Tensor:
+    """The released code's augmentation, before the rotations. Photos (whole images, kept
+    at --load-size): a random resized crop of --min-crop to all of the area, flipped at
+    random, its ImageNet recipe (RandomSizedCrop(224), RandomHorizontalFlip). Images that
+    are --image-size squares already (the built-in shapes, CIFAR-10): a random crop after
+    4 px of padding, flipped at random, its CIFAR recipe."""
+    if isinstance(x, common.WholeImages):
+        return common.random_resized_crop(x, scale=(args.min_crop, 1.0), size=args.image_size)
+    return common.random_crop_flip(x)
+
+
 def train(args: Args):
     if args.angles not in (2, 4, 8):
         common.fail(f"--angles must be 2, 4 or 8, not {args.angles}")
@@ -141,7 +153,7 @@ def train(args: Args):
     monitor = (data, lambda: encoder_of(net.backbone, args.angles))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        x = common.random_crop_flip(run.to_device(images))  # the paper's CIFAR augmentation
+        x = augment(run.to_device(images), args)  # the released code's crop and flip
         x, y = rotate_batch(x, args.angles)  # x: (angles*N, 3, H, W), y: (angles*N,)
         with run.autocast():
             logits = model(run.format(x))  # (angles*N, angles)

@@ -165,7 +165,7 @@ def train(args: Args):
     monitor = (data, lambda: encoder_of(net.f))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        x = run.to_device(images, whole=True)  # image folders: each view is cropped from the whole image
+        x = run.to_device(images)  # image folders: each view is cropped from the whole image
         x1, x2 = augment(x, chosen, args), augment(x, chosen, args)  # two views of each image: (N, 3, H, W)
         with run.autocast():
             # One forward pass for both views, so batch norm sees all 2N views together.

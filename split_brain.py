@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,10 @@ import common
 
 @dataclass
 class Args(common.Args):
+    # Photos: whole images kept with their shorter side at 256/176 of --image-size, the
+    # colorization code's random 176 px crops of 256 px images (split-brain's training code
+    # is not released; the paper builds on that one). --load-size overrides.
+    LOAD_SCALE: ClassVar[float] = 256 / 176
     epochs: int = 30  # sized for the 3-minute CPU budget on the built-in data (paper: ImageNet)
     batch_size: int = 64  # twice the steps of 128 in the same time; the paper does not say its batch size
     lr: float = 1e-3  # Adam
@@ -197,6 +202,15 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
+def augment(x, args: Args) -> torch.Tensor:
+    """The colorization code's crop and mirror. Photos (whole images kept at --load-size): a
+    random --image-size window; images that are --image-size squares already (the built-in
+    shapes, CIFAR-10): the whole image. Either flipped at random."""
+    if isinstance(x, common.WholeImages):
+        return common.random_crop(x, args.image_size, flip=True)
+    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))
+
+
 def train(args: Args):
     if args.loss not in ("classification", "regression"):
         common.fail(f"--loss must be classification or regression, not {args.loss}")
@@ -230,8 +244,7 @@ def train(args: Args):
     monitor = (data, lambda: SplitBrainEncoder(net))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
-        x = run.to_device(images)
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))  # random flip
+        x = augment(run.to_device(images), args)  # (N, 3, S, S)
         lab = common.rgb_to_lab(x)  # (N, 3, H, W): L, a, b
         seen = turn_hues(lab) if args.turn_hues else lab  # F1 sees only L, so this changes F2's input alone
         with run.autocast():
@@ -332,6 +345,7 @@ def test_errors(model, dataset, bins, args, device, batch_size=256) -> dict:
 @torch.no_grad()
 def save_grid(model, dataset, bins, args, device, path, n: int = 8):
     """Rows: original; L with F1's ab (L -> ab); true ab at L = 50 (F2's input); F2's L with the true ab."""
+    n = min(n, len(dataset))  # a test split may be smaller than a row
     x = common.to_float(torch.stack([dataset[i][0] for i in range(n)]), device)
     was_training = model.training
     model.eval()

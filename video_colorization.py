@@ -49,7 +49,7 @@ class Args(common.Args):
     DATASETS: ClassVar[tuple] = ("shapes", "davis")
     dataset: str = "shapes"  # shapes (built-in videos with masks) | davis (a DAVIS-layout folder: JPEGImages/480p/<video>/, Annotations/480p/<video>/)
     data_dir: str = "data"  # the DAVIS folder for --dataset davis (trained on its frames; its masks are used only to score tracking)
-    eval_dir: str = ""  # another DAVIS folder to score tracking on (default: --data-dir)
+    eval_dir: str = ""  # another DAVIS folder to score tracking on (default: --data-dir, or the built-in test videos); videos the network never trained on
     image_size: int = 64  # frames are resized so the shorter side is this (paper: 256 px); J is measured at this size
     crop: int = 32  # side of the square training crop, the same in every frame of a clip (0, or larger than the frames: whole frames)
     epochs: int = 4  # sized for the 3-minute CPU budget on the built-in videos
@@ -103,14 +103,18 @@ def load_videos(args: Args):
             common.fail(f"the built-in videos come in 32 to 128 px, not {args.image_size}")
         # Fixed data seeds, independent of --seed, as for the built-in images.
         train, _ = common.make_videos(args.train_videos, 16, args.image_size, seed=0)
-        frames, masks = common.make_videos(args.eval_videos, 24, args.image_size, seed=1)
-        return list(train), {f"video{i:03d}": (frames[i], masks[i]) for i in range(len(frames))}
-    train = common.load_davis(args.data_dir, size=args.image_size)
-    evaluation = common.load_davis(args.eval_dir, size=args.image_size) if args.eval_dir else train
+        if not args.eval_dir:
+            frames, masks = common.make_videos(args.eval_videos, 24, args.image_size, seed=1)
+            return list(train), {f"video{i:03d}": (frames[i], masks[i]) for i in range(len(frames))}
+        train, evaluation = list(train), common.load_davis(args.eval_dir, size=args.image_size)  # real videos to track
+    else:
+        train = common.load_davis(args.data_dir, size=args.image_size)
+        evaluation = common.load_davis(args.eval_dir, size=args.image_size) if args.eval_dir else train
+        train = [frames for frames, _ in train.values()]
     tracked = {name: v for name, v in evaluation.items() if v[1] is not None}
     if args.eval and not tracked:
         common.fail(f"no Annotations/480p/<video>/ masks in {args.eval_dir or args.data_dir} to score tracking on")
-    return [frames for frames, _ in train.values()], tracked
+    return train, tracked
 
 
 def split_lab(x: torch.Tensor):

@@ -140,20 +140,94 @@ def test_crops_come_from_anywhere_in_the_whole_image():
     assert (crops[:, :, :, 1:] >= crops[:, :, :, :-1] - 1e-6).all()  # left-to-right order kept (no flip)
 
 
-def test_to_device_makes_squares_from_whole_images_unless_asked_for_them(tmp_path):
-    args = common.parse_args(common.Args, ["--out", str(tmp_path), "--image-size", "24", "--min-crop", "0.5"])
+def test_to_device_moves_and_converts_and_crops_nothing(tmp_path):
+    """Squares of --image-size come as a float batch; photos stay whole, for the method."""
+    args = common.parse_args(common.Args, ["--out", str(tmp_path), "--image-size", "24"])
     run = common.Run(args, "demo")
     try:
         batch, _ = common.collate_whole([(_photo(30, 40, 0), 0), (_photo(40, 30, 1), 1)])
-        squares = run.to_device(batch)
-        assert squares.shape == (2, 3, 24, 24) and squares.dtype == torch.float32
-        whole = run.to_device(batch, whole=True)
+        whole = run.to_device(batch)
         assert isinstance(whole, common.WholeImages) and torch.equal(whole.pixels, batch.pixels)
+        squares, _ = common.collate_whole([(_photo(24, 24, 2), 0), (_photo(24, 24, 3), 1)])
+        plain = run.to_device(squares)
+        assert torch.equal(plain, squares.pixels.float() / 255)
         centred = common.centre_squares(whole, 24)
         expected = F.interpolate(whole.pixels[:1, :, :30, 5:35], size=(24, 24), mode="bilinear", antialias=True)
         assert (centred[:1] - expected.float() / 255).abs().max() < 1e-5
     finally:
         run.close()
+
+
+def _coordinates(sizes) -> common.WholeImages:
+    """Whole images whose pixels say where they are: channel 0 the row, 1 the column, 2 the image."""
+    images = []
+    for i, (h, w) in enumerate(sizes):
+        r, c = torch.arange(h).view(-1, 1).expand(h, w), torch.arange(w).view(1, -1).expand(h, w)
+        images.append(torch.stack([r, c, torch.full((h, w), i % 3)]).to(torch.uint8))
+    return common.collate_whole([(x, 0) for x in images])[0]
+
+
+def test_random_crop_takes_whole_pixel_windows_from_inside_each_image():
+    x = _coordinates([(40, 60), (70, 45), (32, 32)] * 300)
+    torch.manual_seed(0)
+    out = (common.random_crop(x, 32, flip=True) * 255).round().long()
+    assert out.shape == (900, 3, 32, 32)
+    rows, cols = out[:, 0], out[:, 1]
+    top, first = rows[:, 0, 0], cols[:, 0, 0]
+    assert torch.equal(rows, top.view(-1, 1, 1) + torch.arange(32).view(1, 32, 1).expand(-1, -1, 32))  # no resampling
+    flipped = cols[:, 0, 1] < first
+    step = torch.where(flipped, -1, 1).view(-1, 1)
+    assert torch.equal(cols[:, 0], first.view(-1, 1) + step * torch.arange(32))
+    assert 0.4 < flipped.float().mean() < 0.6
+    h, w = x.sizes[:, 0], x.sizes[:, 1]
+    assert (top >= 0).all() and (top + 31 < h).all() and (cols.max(-1).values.max(-1).values < w).all()
+    assert (top == 0).any() and (top + 31 == h - 1).any()  # from edge to edge of each image
+    assert torch.equal(out[:, 2, 0, 0], torch.arange(900) % 3)  # each crop from its own image
+
+
+@pytest.mark.parametrize("method, crops", [
+    ("rotation", {"random_resized_crop": 1}),  # RotNet's ImageNet recipe
+    ("jigsaw", {"random_crop": 1}),  # the paper's random 225 of 256
+    ("inpainting", {"random_crop": 1}),  # the released code's random 128 of 350
+    ("colorization", {"random_crop": 1}),  # the released code's random 176 of 256
+    ("split_brain", {"random_crop": 1}),  # the colorization code's
+    ("patch_location", {}),  # no crop: the patches come from the whole image
+])
+def test_a_photo_goes_through_the_crops_its_method_documents_once(tmp_path, monkeypatch, method, crops):
+    """One training step on photos: each crop function is called as often as the method's
+    doc says, and no other (no crop hidden in Run.to_device, none stacked on another)."""
+    root = _folder(tmp_path / "photos", {"train/a": 8, "train/b": 8, "val/a": 2, "val/b": 2}, size=(150, 200))
+    calls = {}
+    for name in ("random_crop", "random_resized_crop", "random_crop_flip", "crop_whole", "centre_squares"):
+        original = getattr(common, name)
+
+        def counted(*a, _name=name, _f=original, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(common, name, counted)
+    module = __import__(method)
+    size = {"patch_location": 80, "jigsaw": 64}.get(method, 32)
+    out = tmp_path / "run"
+    module.main(["--dataset", "folder", "--data-dir", str(root), "--image-size", str(size), "--workers", "0",
+                 "--batch-size", "8", "--max-steps", "1", "--out", str(out), "--no-eval", "--log-every", "0"])
+    assert {k: v for k, v in calls.items() if k != "crop_whole"} == crops  # random_resized_crop uses crop_whole
+    keep = round(size * getattr(module.Args, "LOAD_SCALE", 1 / 0.875))
+    assert json.loads((out / "config.json").read_text())["load_size"] == 0 and keep >= size
+
+
+def test_photo_patches_come_from_inside_each_whole_image():
+    import patch_location as pl
+    x = _coordinates([(80, 120), (100, 80), (66, 66)] * 400)
+    torch.manual_seed(0)
+    centre, neighbour, labels, corners = pl.sample_pairs(x.pixels, 16, 8, 1, x.sizes)
+    for p, c in ((centre, corners[:, 0]), (neighbour, corners[:, 1])):
+        p = (p * 255).round().long()
+        assert torch.equal(p[:, 0, 0, 0], c[:, 0]) and torch.equal(p[:, 1, 0, 0], c[:, 1])  # real crops, no padding
+        assert torch.equal(p[:, 2, 0, 0], torch.arange(1200) % 3)
+    h, w = x.sizes[:, 0].view(-1, 1), x.sizes[:, 1].view(-1, 1)
+    assert (corners[..., 0] + 16 <= h).all() and (corners[..., 1] + 16 <= w).all() and (corners >= 0).all()
+    wide = torch.arange(1200) % 3 == 0  # 80 x 120: the grid moves further across than down
+    assert corners[wide, 0, 1].max() > corners[wide, 0, 0].max() + 30
 
 
 def test_decoding_with_torchvision_matches_pil(tmp_path):

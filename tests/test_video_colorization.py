@@ -173,6 +173,16 @@ def test_davis_layout_end_to_end_with_both_mask_kinds(tmp_path):
     assert set(results["J_per_video"]) == {"one", "two"}
 
 
+def test_trained_on_some_videos_tracks_others(tmp_path):
+    """--eval-dir: tracking scored on videos the network never trained on, after training
+    on the built-in videos or on another DAVIS folder."""
+    train, held_out = _davis_folder(tmp_path / "train", videos=("two",)), _davis_folder(tmp_path / "held", videos=("one",))
+    for argv in (["--train-videos", "4"], ["--dataset", "davis", "--data-dir", str(train)]):
+        results = vc.main([*argv, "--eval-dir", str(held_out), "--image-size", "32", "--batch-size", "4",
+                           "--max-steps", "1", "--out", str(tmp_path / argv[1].replace("/", "_")), "--log-every", "0"])
+        assert set(results["J_per_video"]) == {"one"} and results["objects"] == 2  # its two objects
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--dataset", "davis", "--data-dir", "/nonexistent"], "is not a DAVIS folder"),
     (["--dataset", "kinetics"], "unknown dataset 'kinetics' (choose from shapes, davis)"),
