@@ -12,7 +12,7 @@ crops (RandomResizedCrop, scale 0.08 to 1, and a horizontal flip), float in [0, 
                 RandomHorizontalFlip, ToImage, ToDtype, in --workers processes
   ours, disk    what a folder too large for memory gets: torchvision.io decoding and a
                 uint8 resize to the load size (size / 0.875) in --workers processes, then
-                the batched crops on --device (common.FolderImages, run.to_device)
+                the batched crops on --device (common.FolderImages, common.random_resized_crop)
   ours, memory  what a folder that fits gets: decoded once (timed on its own row), then
                 every epoch only the batched crops from the whole images kept in memory
   decoding      each decoder common.read_image can use (TorchCodec when installed,
