@@ -1077,13 +1077,28 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rgb_to_hsv(x: torch.Tensor):
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    v, argmax = x.max(1)
-    delta = v - x.min(1).values
-    s = torch.where(v > 0, delta / v.clamp(min=1e-8), torch.zeros_like(v))
+    """(h in [0, 1), s, v), each (N, H, W), as torchvision's _rgb2hsv. The channel maxima come
+    from elementwise maximum, not max(dim=1) (a reduction over a strided dimension, several
+    times slower on a CPU); a tie goes to the first channel, as argmax's does."""
+    r, g, b = x.unbind(1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    delta = v - torch.minimum(torch.minimum(r, g), b)
+    s = delta / v.clamp(min=1e-8)  # v = 0 only where r = g = b = 0, so delta = 0 and s = 0 there
     d = delta.clamp(min=1e-8)
-    h = torch.where(argmax == 0, ((g - b) / d) % 6, torch.where(argmax == 1, (b - r) / d + 2, (r - g) / d + 4))
+    red, green = r == v, g == v
+    q = torch.where(red, g - b, torch.where(green, b - r, r - g)) / d  # one division for the three cases
+    h = torch.where(red, torch.where(q < 0, q + 6, q), q + torch.where(green, 2.0, 4.0))  # q mod 6 for red, q in [-1, 1]
     return torch.where(delta > 0, h / 6, torch.zeros_like(h)), s, v
+
+
+def _hsv_to_rgb_into(out: torch.Tensor, h, s, v) -> torch.Tensor:
+    """HSV (each (N, H, W)) back to RGB, written into out (N, 3, H, W): channel c is
+    v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1."""
+    vs, h6 = v * s, h * 6
+    for c, n in enumerate((5, 3, 1)):
+        k = (n + h6) % 6
+        torch.sub(v, vs * torch.clamp(torch.minimum(k, 4 - k), 0, 1), out=out[:, c])
+    return out
 
 
 def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p: float = 0.8):
@@ -1096,16 +1111,24 @@ def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, 
     def factor(strength):
         return torch.empty(n, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - strength), 1 + strength)
 
-    out = (x * factor(brightness)).clamp(0, 1)
-    mean = _grey(out).mean((1, 2, 3), keepdim=True)
-    out = ((out - mean) * factor(contrast) + mean).clamp(0, 1)
-    grey = _grey(out)
-    out = ((out - grey) * factor(saturation) + grey).clamp(0, 1)
-    h, s, v = _rgb_to_hsv(out)
+    b, c, s = factor(brightness), factor(contrast), factor(saturation)  # drawn in this order, then the hue
     shift = torch.empty(n, 1, 1, device=dev).uniform_(-hue, hue)
-    out = _hsv_to_rgb((h + shift) % 1.0, s, v).permute(0, 3, 1, 2)
     apply = torch.rand(n, 1, 1, 1, device=dev) < p
-    return torch.where(apply, out, x)
+    return torch.where(apply, jitter_colours(x, b, c, s, shift), x)
+
+
+def jitter_colours(x: torch.Tensor, b, c, s, shift) -> torch.Tensor:
+    """Brightness, contrast, saturation by the factors b, c, s (N, 1, 1, 1) and hue by shift
+    (N, 1, 1, a fraction of the circle), each as torchvision's adjust_* and clamped to
+    [0, 1]; in place on one copy of x, in as few passes as the formulas allow."""
+    out = x * b
+    out.clamp_(0, 1)
+    mean = _grey(out).mean((1, 2, 3), keepdim=True)
+    out.sub_(mean).mul_(c).add_(mean).clamp_(0, 1)
+    grey = _grey(out)
+    out.sub_(grey).mul_(s).add_(grey).clamp_(0, 1)
+    h, sat, v = _rgb_to_hsv(out)
+    return _hsv_to_rgb_into(out, (h + shift) % 1.0, sat, v)
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:

@@ -21,7 +21,7 @@ For every method, one after the other, --repeats times:
 ratio = the networks' time / the method's step time (medians over steps). 1.0: nothing
 outside the networks costs time. The table gives the median ratio over the repeats and
 its range (each repeat a fresh run). Below 0.9, --profile says which operators take the
-rest (torch.profiler, CPU self time).
+rest outside the networks (torch.profiler, CPU self time, less the networks' own).
 """
 from __future__ import annotations
 
@@ -124,8 +124,9 @@ def run_method(method: str, argv: list[str], steps: int) -> tuple[list[float], l
     return step_times, recorder.calls
 
 
-def replay_times(calls: list, device, repeats: int) -> list[float]:
-    """The recorded calls replayed `repeats` times: forward, backward, SGD step (lr 0)."""
+def replay_times(calls: list, device, repeats: int, warm: int = WARM) -> list[float]:
+    """The recorded calls replayed `repeats` times (after `warm` untimed): forward, backward,
+    SGD step (lr 0)."""
     params = list({id(p): p for module, *_ in calls for p in module.parameters() if p.requires_grad}.values())
     opt = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
 
@@ -143,12 +144,12 @@ def replay_times(calls: list, device, repeats: int) -> list[float]:
             opt.step()
 
     times = []
-    for i in range(WARM + repeats):
+    for i in range(warm + repeats):
         _sync(device)
         start = time.perf_counter()
         step()
         _sync(device)
-        if i >= WARM:
+        if i >= warm:
             times.append(time.perf_counter() - start)
     return times
 
@@ -179,8 +180,15 @@ def measure(method: str, argv: list[str], steps: int, device) -> tuple[float, fl
     return ours, theirs, theirs / ours, describe(calls)
 
 
-def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> list[str]:
-    """Markdown rows: the operators that take a training step's time, in ms per step.
+def _per_step(prof, steps: int) -> dict[str, float]:
+    """ms per step of each operator's CPU self time; a step's own range (ProfilerStep#n)
+    keeps the time no operator covers: Python."""
+    return {("(Python, outside operators)" if e.key.startswith("ProfilerStep") else e.key):
+            e.self_cpu_time_total / steps / 1000 for e in prof.key_averages()}
+
+
+def profile_steps(method: str, argv: list[str], steps: int) -> tuple[dict[str, float], list]:
+    """(ms per step of each operator in the method's training steps, the network calls of a step).
 
     The profiler records `steps` training steps after WARM and nothing else (not the
     data, the model building or colorization's colour prior): the method's own loop
@@ -189,28 +197,53 @@ def profile_steps(method: str, argv: list[str], steps: int, top: int = 12) -> li
     from torch.profiler import ProfilerActivity, profile, schedule
 
     module = importlib.import_module(method)
+    recorder, seen = NetworkCalls(), [0]
     with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=WARM, warmup=1, active=steps, repeat=1)) \
             as prof:
         log = common.Run.log
 
         def log_and_step(self, *a, **k):
             prof.step()
+            seen[0] += 1
+            if seen[0] == WARM + 1 + steps:  # the calls of the step after the profiled ones, for the replay
+                recorder.__enter__()
+            elif seen[0] == WARM + 2 + steps:
+                recorder.__exit__()
             return log(self, *a, **k)
 
         common.Run.log = log_and_step
         try:
             with tempfile.TemporaryDirectory() as out:  # the last step's run.log closes the window
-                module.main([*argv, "--max-steps", str(WARM + 1 + steps), "--no-eval", "--monitor-every", "0",
+                module.main([*argv, "--max-steps", str(WARM + 2 + steps), "--no-eval", "--monitor-every", "0",
                              "--log-every", "0", "--out", out])
         finally:
             common.Run.log = log
-    # us -> ms; a step's own range (ProfilerStep#n) keeps the time no operator covers: Python
-    per_step = {("(Python, outside operators)" if e.key.startswith("ProfilerStep") else e.key):
-                e.self_cpu_time_total / steps / 1000 for e in prof.key_averages()}
-    total = sum(per_step.values())
-    rows = [f"| {method} | all operators | {total:.1f} | 1.00 |"]
-    for name, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:top]:
-        rows.append(f"| | {name} | {ms:.1f} | {ms / total:.2f} |")
+            recorder.__exit__()
+    return _per_step(prof, steps), recorder.calls
+
+
+def profile_replay(calls: list, steps: int) -> dict[str, float]:
+    """ms per step of each operator when only the networks run: the recorded calls replayed
+    (forward, backward, an SGD step), as replay_times times them."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=WARM, warmup=1, active=steps, repeat=1)) \
+            as prof:
+        for _ in range(WARM + 1 + steps):
+            replay_times(calls, torch.device("cpu"), 1, warm=0)
+            prof.step()
+    return _per_step(prof, steps)
+
+
+def outside_rows(method: str, step: dict[str, float], networks: dict[str, float], top: int = 10) -> list[str]:
+    """Markdown rows: where a step's time goes outside the networks, by operator: the step's
+    time of each operator less the networks' own time of it (replayed alone), largest first."""
+    total = sum(step.values())
+    outside = {op: ms - networks.get(op, 0.0) for op, ms in step.items()}
+    rest = sum(max(ms, 0.0) for ms in outside.values())
+    rows = [f"| {method} | all, outside the networks | {rest:.1f} | {rest / total:.2f} |"]
+    for op, ms in sorted(outside.items(), key=lambda kv: -kv[1])[:top]:
+        if ms > 0.05:
+            rows.append(f"| | {op} | {ms:.1f} | {ms / total:.2f} |")
     return rows
 
 
@@ -243,10 +276,13 @@ def main(argv=None):
                      f"({ratios[0]:.2f} to {ratios[-1]:.2f}) |")
         print(lines[-1], flush=True)
     if a.profile:
-        lines += ["", f"Per step, by operator (CPU self time under torch.profiler, which adds its own overhead; "
-                  f"{a.steps} steps):", "", "| method | operator | ms per step | share |", "|---|---|---|---|"]
+        lines += ["", f"Where a step's time goes outside the networks, by operator: each operator's CPU self time "
+                  f"in the method's step less its time when the step's network calls are replayed alone "
+                  f"(torch.profiler, which adds its own overhead; {a.steps} steps). Share: of the whole step.", "",
+                  "| method | operator | ms per step outside the networks | share of the step |", "|---|---|---|---|"]
         for method in a.methods:
-            rows = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
+            step, calls = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
+            rows = outside_rows(method, step, profile_replay(calls, a.steps))
             lines += rows
             print("\n".join(rows), flush=True)
     text = "\n".join(lines) + "\n\n" + provenance(started) + "\n"
