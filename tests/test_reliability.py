@@ -13,7 +13,7 @@ from conftest import ROOT, script_env
 from test_folders import _folder
 from test_runs import one_line_error, script, start, tiny, wait_for
 
-IMAGE_METHODS = {"rotation": 32, "patch_location": 64, "jigsaw": 64, "inpainting": 32, "colorization": 32,
+IMAGE_METHODS = {"rotation": 32, "patch_location": 80, "jigsaw": 64, "inpainting": 32, "colorization": 32,
                  "split_brain": 32, "simclr": 32, "moco": 32}  # image size of each method's default
 
 
@@ -36,31 +36,43 @@ def photo_folders(tmp_path_factory):
     return {"square": square, "mixed": mixed}
 
 
+# Each method's own crop of photos, and what it gives: (function name, shape of one output).
+CROPS = {"rotation": "augment", "patch_location": "prepare_patches", "jigsaw": "crop_window", "inpainting": "augment",
+         "colorization": "augment", "split_brain": "augment", "simclr": "augment", "moco": "augment"}
+
+
 @pytest.mark.parametrize("kind", ["square", "mixed"])
 @pytest.mark.parametrize("method", list(IMAGE_METHODS))
 def test_every_method_crops_photos_of_any_shape(method, kind, photo_folders, tmp_path, monkeypatch):
-    """Every training batch from a folder is cropped to --image-size squares (RandomResizedCrop
-    of the whole image), whatever the photos' shape; SimCLR and MoCo crop their own views.
-    The networks then see batches of --batch-size images of --image-size."""
+    """Photos of every shape reach the method whole (Run.to_device crops nothing), and the
+    method's own crop gives --batch-size images of --image-size (patch location: pairs of
+    patches) for its networks, whatever the photos' shape."""
     import importlib
     module = importlib.import_module(method)
     size = IMAGE_METHODS[method]
-    seen = []
-    to_device = common.Run.to_device
+    seen, made = [], []
+    to_device, crop = common.Run.to_device, getattr(module, CROPS[method])
 
-    def recording(self, images, whole=False):
-        out = to_device(self, images, whole)
-        seen.append((whole, tuple(out.shape) if isinstance(out, torch.Tensor) else "whole", len(out)))
+    def recording(self, images):
+        out = to_device(self, images)
+        seen.append(isinstance(out, common.WholeImages))
+        return out
+
+    def cropping(*a, **k):
+        out = crop(*a, **k)
+        made.append(tuple((out[0] if isinstance(out, tuple) else out).shape))
         return out
 
     monkeypatch.setattr(common.Run, "to_device", recording)
+    monkeypatch.setattr(module, CROPS[method], cropping)
     r = module.main(["--dataset", "folder", "--data-dir", str(photo_folders[kind]), "--batch-size", "8",
                      "--workers", "0", "--max-steps", "2", "--no-eval", "--log-every", "0",
                      "--out", str(tmp_path / "run")])
-    assert r["steps"] == 2 and len(seen) == 2
-    for whole, shape, n in seen:
-        assert n == 8
-        assert shape == "whole" if whole else shape == (8, 3, size, size)
+    # Square photos that patch location keeps at --image-size (its load size) are a plain batch of squares.
+    whole = not (method == "patch_location" and kind == "square")
+    assert r["steps"] == 2 and seen == [whole, whole]
+    side = module.Args().patch if method == "patch_location" else size
+    assert made and all(shape == (8, 3, side, side) for shape in made[:2]), made
 
 
 def test_a_folder_of_image_size_squares_is_taken_as_it_is(tmp_path):
