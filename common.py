@@ -336,6 +336,15 @@ _D65 = torch.tensor([0.95047, 1.0, 1.08883])
 _DELTA = 6.0 / 29.0
 
 
+def select(cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where(cond, a, b) for finite float a and b (broadcast together), as a lerp from b
+    to a by 0 or 1: exactly the same values (b + 0 (a - b) = b, a - 0 (a - b) = a), and
+    several times faster on a CPU, where torch.where's kernel is slow (0.5 ms against
+    0.06 ms on 256 images of 32 px, 2 cores). The augmentations and colour conversions,
+    which run on every image of every step, use it."""
+    return torch.lerp(b, a, cond.to(a.dtype if a.is_floating_point() else torch.get_default_dtype()))
+
+
 def _mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Apply a 3x3 matrix to the channel dimension of (N, 3, H, W)."""
     return torch.einsum("ij,njhw->nihw", m.to(x), x)
@@ -345,9 +354,9 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (N, 3, H, W) -> Lab with L in [0, 100] (CIE 1976, D65)."""
     rgb = rgb.clamp(0, 1)
     # sRGB transfer function; the clamp keeps pow's gradient finite at 0.
-    linear = torch.where(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    linear = select(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     xyz = _mix(_RGB_TO_XYZ, linear) / _D65.to(rgb).view(1, 3, 1, 1)
-    f = torch.where(xyz > _DELTA ** 3, xyz.clamp(min=_DELTA ** 3) ** (1 / 3), xyz / (3 * _DELTA ** 2) + 4 / 29)
+    f = select(xyz > _DELTA ** 3, xyz.clamp(min=_DELTA ** 3) ** (1 / 3), xyz / (3 * _DELTA ** 2) + 4 / 29)
     fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
 
@@ -356,9 +365,9 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """Lab (N, 3, H, W) -> sRGB, clamped to [0, 1] (out-of-gamut colours are clipped)."""
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
-    xyz = torch.where(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4 / 29)) * _D65.to(lab).view(1, 3, 1, 1)
+    xyz = select(f > _DELTA, f ** 3, 3 * _DELTA ** 2 * (f - 4 / 29)) * _D65.to(lab).view(1, 3, 1, 1)
     linear = _mix(_XYZ_TO_RGB, xyz)
-    srgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, 12.92 * linear)
+    srgb = select(linear > 0.0031308, 1.055 * linear.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, 12.92 * linear)
     return srgb.clamp(0, 1)
 
 
@@ -1072,7 +1081,7 @@ def crop_whole(x: WholeImages, cw, ch, cx, cy, sign, size: int, batched: bool | 
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma, (N, 1, H, W), as torchvision's rgb_to_grayscale."""
+    """ITU-R 601 luma, (N, 1, H, W) (torchvision's rgb_to_grayscale rounds red's 0.299 to 0.2989)."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
@@ -1086,9 +1095,9 @@ def _rgb_to_hsv(x: torch.Tensor):
     s = delta / v.clamp(min=1e-8)  # v = 0 only where r = g = b = 0, so delta = 0 and s = 0 there
     d = delta.clamp(min=1e-8)
     red, green = r == v, g == v
-    q = torch.where(red, g - b, torch.where(green, b - r, r - g)) / d  # one division for the three cases
-    h = torch.where(red, torch.where(q < 0, q + 6, q), q + torch.where(green, 2.0, 4.0))  # q mod 6 for red, q in [-1, 1]
-    return torch.where(delta > 0, h / 6, torch.zeros_like(h)), s, v
+    q = select(red, g - b, select(green, b - r, r - g)) / d  # one division for the three cases
+    h = select(red, select(q < 0, q + 6, q), q + (4.0 - 2.0 * green))  # q mod 6 for red (q in [-1, 1]); + 2 or + 4
+    return h / 6 * (delta > 0), s, v  # h >= 0, so h / 6 where delta > 0 and 0 elsewhere
 
 
 def _hsv_to_rgb_into(out: torch.Tensor, h, s, v) -> torch.Tensor:
@@ -1113,8 +1122,11 @@ def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, 
 
     b, c, s = factor(brightness), factor(contrast), factor(saturation)  # drawn in this order, then the hue
     shift = torch.empty(n, 1, 1, device=dev).uniform_(-hue, hue)
-    apply = torch.rand(n, 1, 1, 1, device=dev) < p
-    return torch.where(apply, jitter_colours(x, b, c, s, shift), x)
+    apply = torch.rand(n, device=dev) < p
+    i = apply.nonzero().squeeze(1)  # only the images drawn for it: each image's jitter is its own
+    out = x.clone()
+    out[i] = jitter_colours(x[i], b[i], c[i], s[i], shift[i])
+    return out
 
 
 def jitter_colours(x: torch.Tensor, b, c, s, shift) -> torch.Tensor:
@@ -1132,8 +1144,11 @@ def jitter_colours(x: torch.Tensor, b, c, s, shift) -> torch.Tensor:
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
-    apply = torch.rand(len(x), 1, 1, 1, device=x.device) < p
-    return torch.where(apply, _grey(x).expand_as(x), x)
+    apply = torch.rand(len(x), device=x.device) < p
+    i = apply.nonzero().squeeze(1)  # only the images drawn for it
+    out = x.clone()
+    out[i] = _grey(x[i]).expand(-1, 3, -1, -1)
+    return out
 
 
 def gaussian_blur(x: torch.Tensor, sigma=(0.1, 2.0), p: float = 0.5, kernel_frac: float = 0.1) -> torch.Tensor:
@@ -1149,7 +1164,7 @@ def gaussian_blur(x: torch.Tensor, sigma=(0.1, 2.0), p: float = 0.5, kernel_frac
     y = F.conv2d(y, kern.view(n * c, 1, 1, k), groups=n * c)
     y = F.conv2d(y, kern.view(n * c, 1, k, 1), groups=n * c).view(n, c, h, w)
     apply = torch.rand(n, 1, 1, 1, device=x.device) < p
-    return torch.where(apply, y, x)
+    return select(apply, y, x)
 
 
 # ---------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def augment(x, args: Args) -> torch.Tensor:
     shapes, CIFAR-10): the whole image. Either flipped at random."""
     if isinstance(x, common.WholeImages):
         return common.random_crop(x, args.image_size, flip=True)
-    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))
+    return common.select(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x, x.flip(-1))
 
 
 def train(args: Args):

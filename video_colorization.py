@@ -265,7 +265,7 @@ def train(args: Args):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
         x = run.to_device(clip)  # (B, F, 3, H, W): ref_frames coloured references, then the target
         flip = torch.rand(len(x), device=x.device) < 0.5  # the same flip for every frame of a clip
-        x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
+        x = common.select(flip.view(-1, 1, 1, 1, 1), x.flip(-1), x)
         loss, acc, _, _ = clip_loss(model, x, centres, args.temperature, run)
         run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint
         optimizer.zero_grad(set_to_none=True)

@@ -295,3 +295,35 @@ def test_linear_probe_finds_a_direction_knn_cannot():
     ytr, yte = (ftr[:, 0] > 0).long(), (fte[:, 0] > 0).long()
     assert common.linear_probe(ftr, ytr, fte, yte, epochs=50) > 0.9
     assert common.knn_accuracy(ftr, ytr, fte, yte) < 0.65
+
+
+def test_select_is_torch_where_bit_for_bit():
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 3, 8, 8), torch.randn(64, 3, 8, 8)
+    b[0] = 0.0
+    for cond in (a > b, torch.rand(64, 1, 1, 1) < 0.5, torch.rand(64, 3, 8, 8) < 0.1):
+        assert torch.equal(common.select(cond, a, b), torch.where(cond, a, b))
+    assert torch.equal(common.select(a > 0, a, a.flip(-1)), torch.where(a > 0, a, a.flip(-1)))
+
+
+def test_colour_jitter_is_torchvisions_adjustments_in_order():
+    """Brightness, contrast, saturation, hue by the same factors, image by image, as
+    torchvision's functional adjust_* (the plainly written reference)."""
+    import torchvision.transforms.v2.functional as TF
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 12, 12)
+    x[1, 0] = x[1, 1]  # ties between channels
+    x[2] = 0.5  # grey
+    b, c, s = (torch.empty(6, 1, 1, 1).uniform_(0.6, 1.4) for _ in range(3))
+    shift = torch.empty(6, 1, 1).uniform_(-0.1, 0.1)
+    out = common.jitter_colours(x, b, c, s, shift)
+    for i in range(6):
+        y = TF.adjust_brightness(x[i], float(b[i]))
+        y = TF.adjust_contrast(y, float(c[i]))
+        y = TF.adjust_saturation(y, float(s[i]))
+        y = TF.adjust_hue(y, float(shift[i]))
+        assert (out[i] - y).abs().max() < 1e-4, i  # grey: ITU-R 601's 0.299 red, torchvision's 0.2989
+    # p: which images are jittered at all; the rest are returned as they came
+    torch.manual_seed(1)
+    kept = common.color_jitter(x, p=0.0)
+    assert torch.equal(kept, x)
