@@ -3,6 +3,9 @@ as the demo measures it, beside the demo's own log.
 
     python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 1 --out runs/official-curve
     python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 30 --minutes 8 --device cuda --out runs/curve-gpu
+    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 10 --out runs/official-curve --resume
+        # continues a stopped curve: the epochs measured are kept (curve.json, written as each ends),
+        # moco.py goes on from its last checkpoint (--save-every minutes inside an epoch)
 
 moco.py runs with the demo's settings (facebookresearch/moco, colab/moco_cifar10_demo.ipynb,
 commit f736491, the last with colab/): ResNet-18 with the CIFAR stem, batch 512, SGD lr 0.06,
@@ -83,6 +86,10 @@ def parse(argv=None):
     p.add_argument("--checkpoint", default="", help="with --demo-notebook: measure this moco.py checkpoint's f_q by "
                                                     "the demo's test(), training nothing")
     p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
+    p.add_argument("--resume", action="store_true", help="continue the curve in --out where it stopped: the epochs "
+                                                        "measured are kept, moco.py goes on from its checkpoint")
+    p.add_argument("--save-every", type=float, default=10.0, help="minutes between moco.py's checkpoints inside an "
+                                                                  "epoch, so a stopped curve loses at most this")
     return p.parse_args(argv)
 
 
@@ -120,7 +127,7 @@ def knn_both(f_q: moco.Encoder, data, device) -> dict:
 def moco_argv(a, out: Path) -> list[str]:
     return [*DEMO, "--dataset", a.dataset, "--data-dir", a.data_dir, "--device", a.device, "--workers",
             str(a.workers), "--seed", str(a.seed), "--monitor-every", "0", "--no-eval", "--log-every", "30",
-            *a.extra.split(), "--out", str(out)]
+            "--save-every", str(a.save_every), *a.extra.split(), "--out", str(out)]
 
 
 def table(rows: list[dict], random: dict, wall: float, started: float) -> str:
@@ -244,26 +251,35 @@ def demo_measures(a, out: Path) -> dict:
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out)
+    given = "python benchmarks/official_curve.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.checkpoint and not a.demo_notebook:
         common.fail("--checkpoint is measured by the demo's test(): give --demo-notebook as well")
     if a.demo_notebook:
         out.mkdir(parents=True, exist_ok=True)
         return demo_measures(a, out) if a.checkpoint else demo_curve(a, out)
     run = out / "moco"
-    if (run / "checkpoint.pt").exists():
-        common.fail(f"--out {out} holds a curve's run already; choose another --out")
+    kept = json.loads((out / "curve.json").read_text()) if a.resume and (out / "curve.json").is_file() else None
+    if a.resume and kept is None:
+        common.fail(f"--resume: {out} holds no curve.json to continue (start it without --resume)")
+    if not a.resume and (run / "checkpoint.pt").exists():
+        common.fail(f"--out {out} holds a curve's run already; continue it with --resume, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started = time.time() - (kept or {}).get("seconds", 0.0)  # the wall time of all sittings
     device = common.pick_device(a.device)
     data = common.load_image_data(common.parse_args(moco.Args, moco_argv(a, run)))
     steps_per_epoch = len(data.pretrain) // int(common.parse_args(moco.Args, moco_argv(a, run)).batch_size)
-    torch.manual_seed(a.seed)
-    random = knn_both(encoder_from(None, a), data, device)
-    print(f"[curve] random init: head {random['head']:.2f}, backbone {random['backbone']:.2f}", flush=True)
-    rows = []
-    for epoch in range(1, a.epochs + 1):
-        argv = moco_argv(a, run) if epoch == 1 else ["--resume", str(run)]
-        command = [sys.executable, str(ROOT / "moco.py"), *argv, "--max-steps", str(epoch * steps_per_epoch)]
+    if kept:
+        random, rows = kept["random_init"], kept["epochs"]
+        print(f"[curve] continuing after epoch {len(rows)}", flush=True)
+    else:
+        torch.manual_seed(a.seed)
+        random, rows = knn_both(encoder_from(None, a), data, device), []
+        print(f"[curve] random init: head {random['head']:.2f}, backbone {random['backbone']:.2f}", flush=True)
+        (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
+    for epoch in range(len(rows) + 1, a.epochs + 1):
+        # moco.py's own checkpoint says where it is: inside this epoch after a stop, or none yet
+        step_argv = ["--resume", str(run)] if (run / "checkpoint.pt").exists() else moco_argv(a, run)
+        command = [sys.executable, str(ROOT / "moco.py"), *step_argv, "--max-steps", str(epoch * steps_per_epoch)]
         print(f"[curve] epoch {epoch}: {' '.join(command[1:])}", flush=True)
         with open(out / "moco.log", "a") as log:
             done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -273,7 +289,8 @@ def main(argv=None):
         rows.append({"epoch": epoch, "step": state["step"], **knn_both(encoder_from(state["f_q"], a), data, device)})
         print(f"[curve] epoch {epoch}: head {rows[-1]['head']:.2f} (demo {DEMO_LOG.get(epoch)}), backbone "
               f"{rows[-1]['backbone']:.2f}", flush=True)
-        (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
+        record = {"random_init": random, "epochs": rows, "seconds": time.time() - started, "command": given}
+        (out / "curve.json").write_text(json.dumps(record, indent=2) + "\n")  # each epoch kept as it ends
         if a.minutes and time.time() - started > 60 * a.minutes:
             print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
             break

@@ -232,6 +232,17 @@ def test_official_curve_reads_the_demos_log_and_runs_moco_epoch_by_epoch(tiny_fo
     assert [e["epoch"] for e in r["epochs"]] == [1, 2] and [e["step"] for e in r["epochs"]] == [10, 20]
     assert all(0 <= e[k] <= 100 for e in r["epochs"] for k in ("head", "backbone"))
     assert "| 2 | 33.52 |" in (tmp_path / "curve.md").read_text()
+    # Stopped after one epoch and continued with --resume: the same curve, epoch 1 kept as measured.
+    split = tmp_path / "split"
+    one = oc.main(["--data-dir", str(tiny_folder), "--epochs", "1", "--workers", "0", "--out", str(split),
+                   "--extra", "--backbone small --batch-size 16 --queue-size 64"])
+    kept = json.loads((split / "curve.json").read_text())
+    assert kept["epochs"] == one["epochs"] and kept["seconds"] > 0 and "--epochs 1" in kept["command"]
+    with pytest.raises(common.RunError):  # a second start on the same folder is refused
+        oc.main(["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0", "--out", str(split)])
+    two = oc.main(["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0", "--out", str(split), "--resume",
+                   "--extra", "--backbone small --batch-size 16 --queue-size 64"])
+    assert two["epochs"][0] == one["epochs"][0] and two["epochs"] == r["epochs"] and two["random_init"] == r["random_init"]
 
 
 # A notebook laid out as the MoCo CIFAR-10 demo (the same cell markers and names), with a
