@@ -289,7 +289,8 @@ def main(argv=None):
         rows.append({"epoch": epoch, "step": state["step"], **knn_both(encoder_from(state["f_q"], a), data, device)})
         print(f"[curve] epoch {epoch}: head {rows[-1]['head']:.2f} (demo {DEMO_LOG.get(epoch)}), backbone "
               f"{rows[-1]['backbone']:.2f}", flush=True)
-        record = {"random_init": random, "epochs": rows, "seconds": time.time() - started, "command": given}
+        record = {"random_init": random, "epochs": rows, "seconds": time.time() - started, "command": given,
+                  "provenance": provenance(started)}
         (out / "curve.json").write_text(json.dumps(record, indent=2) + "\n")  # each epoch kept as it ends
         if a.minutes and time.time() - started > 60 * a.minutes:
             print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
