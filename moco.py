@@ -289,7 +289,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
     as in the MoCo CIFAR demo. Sub-batch j is the j-th block of the batch, as device j
     would hold it. The demo takes images j, j + s, j + 2s, ... instead, with one reshape
     to (N / s, s * C, H, W); that reshape copies channels_last tensors, where blocks are
-    views in any layout (moco.py's CPU step is 14% shorter with blocks, RESULTS.md). At
+    views in any layout (a copy per layer saved; not measured in a table here). At
     evaluation it is plain batch norm, and its state_dict is a BatchNorm2d's."""
 
     def __init__(self, num_features, num_splits):

@@ -49,3 +49,30 @@ def test_every_figure_of_a_method_doc_is_in_results_md(method):
     results = figures((ROOT / "RESULTS.md").read_text())
     missing = sorted(f for f in figures(text) if f not in results and f.lstrip("+") not in results)
     assert not missing, f"docs/{method}.md quotes figures RESULTS.md does not have: {missing}"
+
+
+def _texts():
+    """(path, text) of every committed Markdown file and Python source the docs and comments live in."""
+    paths = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), *ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*"),
+             *(ROOT / "tests").glob("*.py")]
+    return [(p, p.read_text()) for p in paths if p.is_file() and p.suffix in (".md", ".py", ".sh")]
+
+
+def test_every_results_md_section_cited_exists():
+    """`RESULTS.md, "Section"` (or a link to RESULTS.md followed by its section) names a
+    heading that RESULTS.md has; a figure cited from RESULTS.md without a table beside it
+    would have no way to be found again."""
+    headings = [line.lstrip("#").strip() for line in (ROOT / "RESULTS.md").read_text().splitlines()
+                if line.startswith("#")]
+    cite = re.compile(r'RESULTS\.md(?:\]\([^)]*\))?,? "([^"]+)"')
+    missing = [(p.name, name) for p, text in _texts() if p.name != "test_docs.py"
+               for name in cite.findall(text.replace("\n", " "))
+               if not any(h.startswith(name) for h in headings)]
+    assert not missing, missing
+
+
+def test_every_relative_link_points_at_a_file():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = [(p.name, target) for p, text in _texts() if p.suffix == ".md" for target in link.findall(text)
+              if "://" not in target and not (p.parent / target).exists()]
+    assert not broken, broken
