@@ -327,3 +327,12 @@ def test_colour_jitter_is_torchvisions_adjustments_in_order():
     torch.manual_seed(1)
     kept = common.color_jitter(x, p=0.0)
     assert torch.equal(kept, x)
+
+
+def test_the_quick_starts_encoder_loads_into_small_resnet_as_the_readme_shows():
+    net, width = common.build_backbone("small", 32)
+    fresh = common.SmallResNet()
+    fresh.load_state_dict(net.state_dict())  # strict: the README's first snippet
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(fresh.eval()(common.Normalize()(x)), net.eval()(common.Normalize()(x)))
+    assert width == 128
