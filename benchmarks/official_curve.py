@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import moco  # noqa: E402
 
-from registry import provenance  # noqa: E402
+from registry import provenance, save_result  # noqa: E402
 
 # kNN top-1 (%) after epochs of the demo's training log: its notebook's output cells,
 # "Test Epoch: [e/200] Acc@1:...%" (facebookresearch/moco, colab/moco_cifar10_demo.ipynb,
@@ -67,6 +67,8 @@ DEMO_LOG = {1: 31.98, 2: 33.52, 3: 34.71, 4: 36.98, 5: 37.95, 6: 39.87, 7: 41.86
 DEMO = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "512", "--lr", "0.06", "--weight-decay",
         "5e-4", "--queue-size", "4096", "--momentum", "0.99", "--temperature", "0.1", "--bn-splits", "8",
         "--min-crop", "0.08", "--augmentation", "demo", "--epochs", "200", "--schedule", "cosine"]
+# The code the curve measures: a change to any of these makes its table stale (benchmarks/report.py).
+CODE = ["moco.py", "common.py", "benchmarks/official_curve.py", "benchmarks/registry.py"]
 ON_THE_CURVE = 1.5  # points: within this of the demo's figure counts as on its curve
 
 
@@ -88,6 +90,8 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
     p.add_argument("--resume", action="store_true", help="continue the curve in --out where it stopped: the epochs "
                                                         "measured are kept, moco.py goes on from its checkpoint")
+    p.add_argument("--result", default="", help="also keep the raw result here, rewritten after every epoch "
+                                                "(results/<name>.json, which benchmarks/report.py renders)")
     p.add_argument("--save-every", type=float, default=10.0, help="minutes between moco.py's checkpoints inside an "
                                                                   "epoch, so a stopped curve loses at most this")
     return p.parse_args(argv)
@@ -141,7 +145,9 @@ def table(rows: list[dict], random: dict, wall: float, started: float) -> str:
         lines.append(f"| {r['epoch']} | {demo if demo is not None else '(not logged)'} | {r['head']:.2f} | {diff} | "
                      f"{r['backbone']:.2f} |")
     lines += ["", f"The demo after 200 epochs: {DEMO_LOG[200]}.", "", verdict(rows), "",
-              f"Training and evaluation: {wall / 60:.0f} min.", "", provenance(started)]
+              f"Training and evaluation: {wall / 60:.0f} min."]
+    if started is not None:
+        lines += ["", provenance(started)]
     return "\n".join(lines) + "\n"
 
 
@@ -292,11 +298,17 @@ def main(argv=None):
         record = {"random_init": random, "epochs": rows, "seconds": time.time() - started, "command": given,
                   "provenance": provenance(started)}
         (out / "curve.json").write_text(json.dumps(record, indent=2) + "\n")  # each epoch kept as it ends
+        if a.result:
+            save_result(a.result, "official_curve", given, CODE, {k: record[k] for k in ("random_init", "epochs",
+                                                                                   "seconds")}, started)
         if a.minutes and time.time() - started > 60 * a.minutes:
             print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
             break
     text = table(rows, random, time.time() - started, started)
     (out / "curve.md").write_text(text)
+    if a.result:  # also when every epoch was measured before: the record from curve.json
+        save_result(a.result, "official_curve", given, CODE,
+                    {"random_init": random, "epochs": rows, "seconds": time.time() - started}, started)
     print(text, flush=True)
     return {"random_init": random, "epochs": rows}
 

@@ -90,6 +90,27 @@ def provenance(started: float) -> str:
             f"{torch.get_num_threads()} threads, {wall / 60:.0f} min wall time.")
 
 
+def code_hashes(files: list[str]) -> dict[str, str]:
+    """sha256 of each file of the code a table measured (paths from the repository root): a
+    table is stale when any of them differs from what it was when the table was measured."""
+    import hashlib
+    return {f: hashlib.sha256((ROOT / f).read_bytes()).hexdigest() for f in files}
+
+
+def save_result(path: str | Path, kind: str, command: str, code: list[str], data, started: float):
+    """The raw result of a benchmark, as results/<name>.json holds it: what kind of table it
+    makes (benchmarks/report.py renders it), the command, the code it measured (with each
+    file's hash), its provenance line, and every figure (data). Written atomically."""
+    record = {"kind": kind, "command": command, "code": code_hashes(code), "provenance": provenance(started),
+              "data": data}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    return record
+
+
 if __name__ == "__main__":
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(" ".join(METHODS))

@@ -26,10 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from registry import provenance, run_script  # noqa: E402
+from registry import provenance, run_script, save_result  # noqa: E402
 
 DAVIS = ["--image-size", "96", "--epochs", "30", "--crop", "64"]
 BUILT_IN = ["--image-size", "96"]
+# The code its table measures: a change to any of these makes the table stale (benchmarks/report.py).
+CODE = ["video_colorization.py", "common.py", "builtin_data.py", "benchmarks/unseen_videos.py", "benchmarks/registry.py"]
 
 
 def parse(argv=None):
@@ -37,6 +39,8 @@ def parse(argv=None):
     p.add_argument("--davis-dir", required=True, help="a DAVIS-layout folder with masks (JPEGImages/480p, Annotations/480p)")
     p.add_argument("--out", default="runs/unseen-videos", help="folder for the runs, table.md and results.json")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 for every run")
+    p.add_argument("--result", default="", help="also write the raw result here (results/<name>.json, which "
+                                                "benchmarks/report.py renders into the docs)")
     return p.parse_args(argv)
 
 
@@ -108,24 +112,27 @@ def table(rows: list[dict], started: float | None) -> str:
 
 def main(argv=None):
     a = parse(argv)
+    given = "python benchmarks/unseen_videos.py " + " ".join(sys.argv[1:] if argv is None else argv)
     root, out = Path(a.davis_dir), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []
-    for i, (setting, tracked, argv) in enumerate(runs(root, out, a.seeds)):
+    for i, (setting, tracked, run_argv) in enumerate(runs(root, out, a.seeds)):
         run = out / f"run{i:02d}"
         if (run / "eval.json").is_file():  # finished earlier: kept
             row = {**json.loads((run / "eval.json").read_text()), "status": "ok"}
         else:  # a run stopped midway goes on from its checkpoint
-            go = ["--resume", str(run)] if (run / "checkpoint.pt").is_file() else argv
+            go = ["--resume", str(run)] if (run / "checkpoint.pt").is_file() else run_argv
             row = run_script("video_colorization", go, run, out / f"run{i:02d}.log")
-        rows.append({**row, "setting": setting, "tracked": tracked, "seed": int(argv[argv.index("--seed") + 1]),
-                     "command": "python video_colorization.py " + " ".join(argv)})
+        rows.append({**row, "setting": setting, "tracked": tracked, "seed": int(run_argv[run_argv.index("--seed") + 1]),
+                     "command": "python video_colorization.py " + " ".join(run_argv)})
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
         print(f"[unseen] {setting} / {tracked} / seed {rows[-1]['seed']}: J {row.get('J')} "
               f"(copied {row.get('J_copy_first')}), {row['status']}", flush=True)
     text = table(rows, started)
     (out / "table.md").write_text(text)
     print(text, flush=True)
+    if a.result:
+        save_result(a.result, "unseen_videos", given, CODE, rows, started)
     return rows
 
 

@@ -241,8 +241,15 @@ def test_official_curve_reads_the_demos_log_and_runs_moco_epoch_by_epoch(tiny_fo
     with pytest.raises(common.RunError):  # a second start on the same folder is refused
         oc.main(["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0", "--out", str(split)])
     two = oc.main(["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0", "--out", str(split), "--resume",
+                   "--result", str(tmp_path / "results" / "curve.json"),
                    "--extra", "--backbone small --batch-size 16 --queue-size 64"])
     assert two["epochs"][0] == one["epochs"][0] and two["epochs"] == r["epochs"] and two["random_init"] == r["random_init"]
+    record = json.loads((tmp_path / "results" / "curve.json").read_text())  # the raw result, for report.py
+    assert record["kind"] == "official_curve" and record["data"]["epochs"] == two["epochs"]
+    assert set(record["code"]) == {"moco.py", "common.py", "benchmarks/official_curve.py", "benchmarks/registry.py"}
+    import report
+    rendered = report.RENDER["official_curve"](record["data"])
+    assert "| 2 | 33.52 |" in rendered and "Made by commit" not in rendered  # the provenance is the record's
 
 
 # A notebook laid out as the MoCo CIFAR-10 demo (the same cell markers and names), with a
@@ -384,3 +391,32 @@ def test_plot_summarises_the_seeds_with_their_provenance(tmp_path):
     video = plot.video_table(folders)
     assert "| video_colorization (32 videos, 86 objects) | 80 s | 0.800 ± 0.000 | 0.450 ± 0.050 | 0.000 ± 0.000 |" in video
     assert plot.made_by(folders)[2] == ("compare-s2", "Made by commit abc2, 2026-11-30.")
+
+
+def test_report_renders_a_raw_result_into_its_block_and_marks_it_stale(tmp_path, monkeypatch):
+    """results/<name>.json -> the block between its markers: the command, the benchmark's own
+    table, the provenance line; "Stale" once a file of the measured code is not as it was."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [{"status": "ok", "setting": "left out", "tracked": "cows", "seed": s, "J": j, "J_random_init": 0.0,
+             "J_copy_first": 0.5} for s, j in ((0, 0.3), (1, 0.4))]
+    record = registry.save_result(tmp_path / "demo.json", "unseen_videos", "python benchmarks/unseen_videos.py",
+                                  ["common.py"], rows, 0.0)
+    assert record["code"]["common.py"] == registry.code_hashes(["common.py"])["common.py"]
+    doc = "before\n<!-- report: demo -->\nold text\n<!-- /report -->\nafter\n"
+    out = report.generated(doc)
+    assert out.startswith("before\n<!-- report: demo -->\n    python benchmarks/unseen_videos.py\n")
+    assert "| the other videos | cows | 0.350 ± 0.071 |" in out and record["provenance"] in out
+    assert out.endswith("<!-- /report -->\nafter\n") and "Stale" not in out and report.generated(out) == out
+    record["code"]["common.py"] = "0" * 64
+    (tmp_path / "demo.json").write_text(json.dumps(record))
+    assert "**Stale:** `common.py` changed" in report.generated(doc)
+    assert "Not measured yet: results/other.json" in report.generated(doc.replace("demo", "other"))
+
+
+def test_report_check_passes_on_the_committed_docs():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
