@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from registry import provenance, run_script  # noqa: E402
+from registry import provenance, run_script, save_result  # noqa: E402
 
 # claim -> (what the lecture says, [(row label, method, flags)], verdict(results by label) -> str)
 
@@ -323,6 +323,19 @@ def run_seed(method: str, argv: list[str], run: Path) -> dict:
     return {k: v for k, v in result.items() if k not in ("status", "wall_s", "peak_rss_mb")}
 
 
+def keep(a, claim: str, results: dict, started: float):
+    """results/claim-<claim>.json: the claim's runs (every seed's eval.json), as this command
+    alone would make them, and the code they measured."""
+    own = " ".join(f"{flag} {value}" for flag, value, default in
+                   (("--epoch-scale", a.epoch_scale, 1.0), ("--seeds", a.seeds, 3)) if value != default)
+    extra = f" --extra '{a.extra}'" if a.extra else ""
+    command = f"python benchmarks/claims.py --claims {claim}{' ' + own if own else ''}{extra}"
+    methods = sorted({method for _, method, _ in SWEEPS[claim][1]})
+    code = [f"{m}.py" for m in methods] + ["common.py", "builtin_data.py", "benchmarks/claims.py"]
+    data = {claim: {label: {"runs": r["runs"], "command": r["command"]} for label, r in results.items()}}
+    save_result(Path(a.results) / f"claim-{claim}.json", "claim", command, code, data, started)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--claims", nargs="+", default=list(SWEEPS), choices=list(SWEEPS), metavar="CLAIM",
@@ -333,6 +346,8 @@ def main(argv=None):
                                                         "deviation, verdicts need a difference beyond that spread")
     p.add_argument("--extra", default="", help="more options for every run, e.g. '--dataset folder --data-dir DIR'")
     p.add_argument("--out", default="", help="folder for the runs and tables (default: runs/claims-<date>-<time>)")
+    p.add_argument("--results", default="", help="also keep each claim's raw result in this folder as "
+                                                 "claim-<name>.json (results/, which benchmarks/report.py renders)")
     p.add_argument("--render", action="store_true", help="train nothing: rewrite <out>/claims.md from "
                                                           "<out>/results.json (after a change to the verdicts)")
     a = p.parse_args(argv)
@@ -374,6 +389,8 @@ def main(argv=None):
                 shutil.copy(grid, out / f"{claim}-{label.split(' (')[0].replace(' ', '_').replace('+', 'and')}.png")
         record[claim] = results
         (out / "claims.md").write_text(render(record) + "\n" + provenance(started) + "\n")  # kept if stopped midway
+        if a.results:
+            keep(a, claim, results, started)
         (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         print(render({claim: results}), flush=True)
     return record

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-from registry import METHODS, provenance, run_script  # noqa: E402
+from registry import METHODS, provenance, run_script, save_result  # noqa: E402
 
 
 def parse(argv=None):
@@ -46,6 +46,8 @@ def parse(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop every method after this many steps (0: no limit)")
     p.add_argument("--extra", default="", help="more options for every method, e.g. '--batch-size 64 --workers 0'")
     p.add_argument("--out", default="", help="folder for the runs and the table (default: runs/compare-<date>-<time>)")
+    p.add_argument("--result", default="", help="also keep the raw result here (results/<name>.json, which "
+                                                "benchmarks/report.py renders into the docs)")
     p.add_argument("--timeout", type=float, default=0, help="seconds before a method is stopped and reported failed "
                                                            "(0: none)")
     return p.parse_args(argv)
@@ -152,7 +154,16 @@ def main(argv=None):
     text = table(rows, a, started)
     (out / "table.md").write_text(text)
     print(text, flush=True)
+    if a.result:
+        given = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        options = {k: v for k, v in vars(a).items() if k not in ("out", "result", "timeout")}
+        save_result(a.result, "compare", given, code_of(a.methods), {"options": options, "rows": rows}, started)
     return rows
+
+
+def code_of(methods) -> list[str]:
+    """The code a compare table measures: the methods' files, common.py, the built-in data, this."""
+    return [f"{m}.py" for m in methods] + ["common.py", "builtin_data.py", "benchmarks/compare.py"]
 
 
 if __name__ == "__main__":

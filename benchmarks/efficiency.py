@@ -39,7 +39,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from registry import METHODS, provenance  # noqa: E402
+from registry import METHODS, provenance, save_result  # noqa: E402
 
 WARM = 3  # steps before the timed ones: allocations and caches settle
 
@@ -247,6 +247,27 @@ def outside_rows(method: str, step: dict[str, float], networks: dict[str, float]
     return rows
 
 
+def table(data: dict) -> str:
+    """The markdown of a measurement (data: what main() measured, as results/ keeps it)."""
+    o = data["options"]
+    lines = [f"Backbone {o['backbone']}, device {data['device']}, each method's default sizes and batch, built-in "
+             f"data; {o['steps']} steps a run, {o['repeats']} runs a method.", "",
+             "| method | networks replayed (one step) | method ms/step | networks ms/step | ratio (range) |",
+             "|---|---|---|---|---|"]
+    for method, m in data["methods"].items():
+        ratios = sorted(m["ratios"])
+        lines.append(f"| {method} | {m['networks']} | {m['method_ms']:.1f} | {m['networks_ms']:.1f} | "
+                     f"{statistics.median(ratios):.2f} ({ratios[0]:.2f} to {ratios[-1]:.2f}) |")
+    if data.get("profile"):
+        lines += ["", f"Where a step's time goes outside the networks, by operator: each operator's CPU self time "
+                  f"in the method's step less its time when the step's network calls are replayed alone "
+                  f"(torch.profiler, which adds its own overhead; {o['steps']} steps). Share: of the whole step.", "",
+                  "| method | operator | ms per step outside the networks | share of the step |", "|---|---|---|---|"]
+        for method, (step, networks) in data["profile"].items():
+            lines += outside_rows(method, step, networks)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD")
@@ -258,37 +279,35 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also break each method's step down by operator (one more, profiled run per method)")
     p.add_argument("--out", default="", help="also write the table to this markdown file")
+    p.add_argument("--result", default="", help="also keep the raw result here (results/<name>.json, which "
+                                                "benchmarks/report.py renders into the docs)")
     a = p.parse_args(argv)
     if a.steps < WARM + 3:
         common.fail(f"--steps must be at least {WARM + 3}: {WARM} to warm up, 2 to time, 1 to record")
     device = common.pick_device(a.device)
     started = time.time()
-    lines = [f"Backbone {a.backbone}, device {device}, each method's default sizes and batch, built-in data; "
-             f"{a.steps} steps a run, {a.repeats} runs a method.", "",
-             "| method | networks replayed (one step) | method ms/step | networks ms/step | ratio (range) |",
-             "|---|---|---|---|---|"]
+    data = {"options": {k: getattr(a, k) for k in ("methods", "steps", "repeats", "backbone", "device", "profile")},
+            "device": str(device), "methods": {}, "profile": {}}
     for method in a.methods:
         argv_run = ["--backbone", a.backbone, "--device", a.device]
         runs = [measure(method, argv_run, a.steps, device) for _ in range(a.repeats)]
-        ratios = sorted(r[2] for r in runs)
-        lines.append(f"| {method} | {runs[-1][3]} | {1000 * statistics.median(r[0] for r in runs):.1f} | "
-                     f"{1000 * statistics.median(r[1] for r in runs):.1f} | {statistics.median(ratios):.2f} "
-                     f"({ratios[0]:.2f} to {ratios[-1]:.2f}) |")
-        print(lines[-1], flush=True)
+        data["methods"][method] = {"networks": runs[-1][3], "method_ms": 1000 * statistics.median(r[0] for r in runs),
+                                   "networks_ms": 1000 * statistics.median(r[1] for r in runs),
+                                   "ratios": [r[2] for r in runs]}
+        print(f"[efficiency] {method}: ratio {statistics.median(r[2] for r in runs):.2f}", flush=True)
     if a.profile:
-        lines += ["", f"Where a step's time goes outside the networks, by operator: each operator's CPU self time "
-                  f"in the method's step less its time when the step's network calls are replayed alone "
-                  f"(torch.profiler, which adds its own overhead; {a.steps} steps). Share: of the whole step.", "",
-                  "| method | operator | ms per step outside the networks | share of the step |", "|---|---|---|---|"]
         for method in a.methods:
             step, calls = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
-            rows = outside_rows(method, step, profile_replay(calls, a.steps))
-            lines += rows
-            print("\n".join(rows), flush=True)
-    text = "\n".join(lines) + "\n\n" + provenance(started) + "\n"
+            data["profile"][method] = (step, profile_replay(calls, a.steps))
+            print("\n".join(outside_rows(method, *data["profile"][method])), flush=True)
+    text = table(data) + "\n" + provenance(started) + "\n"
     print("\n" + text)
     if a.out:
         Path(a.out).write_text(text)
+    if a.result:
+        given = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        code = [f"{m}.py" for m in a.methods] + ["common.py", "builtin_data.py", "benchmarks/efficiency.py"]
+        save_result(a.result, "efficiency", given, code, data, started)
     return text
 
 

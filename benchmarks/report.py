@@ -42,7 +42,24 @@ def render_official_curve(data) -> str:
     return official_curve.table(data["epochs"], data["random_init"], data["seconds"], None)
 
 
-RENDER = {"unseen_videos": render_unseen_videos, "official_curve": render_official_curve}
+def render_compare(data) -> str:
+    import compare
+    defaults = vars(compare.parse([]))
+    return compare.table(data["rows"], argparse.Namespace(**{**defaults, **data["options"]}), None)
+
+
+def render_claim(data) -> str:
+    import claims
+    return claims.render(data)
+
+
+def render_efficiency(data) -> str:
+    import efficiency
+    return efficiency.table(data)
+
+
+RENDER = {"efficiency": render_efficiency, "unseen_videos": render_unseen_videos, "official_curve": render_official_curve, "compare": render_compare,
+          "claim": render_claim}
 
 
 def stale_files(record: dict) -> list[str]:

@@ -15,7 +15,7 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     proc = subprocess.run(
         [sys.executable, "benchmarks/compare.py", "--methods", "rotation", "jigsaw", "video_colorization",
          "--dataset", "folder", "--data-dir", str(tiny_folder), "--image-size", "32", "--max-steps", "2",
-         "--extra", "--batch-size 16 --workers 0", "--out", str(out)],
+         "--extra", "--batch-size 16 --workers 0", "--out", str(out), "--result", str(tmp_path / "r" / "cmp.json")],
         cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (out / "table.md").read_text()
@@ -42,6 +42,13 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results] == ["rotation", "jigsaw", "video_colorization"]
     assert results[2]["status"].startswith("skipped")  # videos need --davis-dir off the built-in data
+    # The raw result renders, through report.py, as the very table the command printed.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+    record = json.loads((tmp_path / "r" / "cmp.json").read_text())
+    assert record["kind"] == "compare" and record["data"]["rows"] == results
+    assert "rotation.py" in record["code"] and "common.py" in record["code"]
+    assert report.RENDER["compare"](record["data"]) + "\n" + record["provenance"] + "\n" == text
 
 
 def test_hooks_record_the_outermost_network_calls_with_their_inputs():
@@ -77,8 +84,11 @@ def test_efficiency_table_has_a_ratio_per_method(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import efficiency
     text = efficiency.main(["--methods", "moco", "split_brain", "--steps", "6", "--repeats", "2",
-                            "--out", str(tmp_path / "eff.md")])
+                            "--out", str(tmp_path / "eff.md"), "--result", str(tmp_path / "eff.json")])
     assert (tmp_path / "eff.md").read_text() == text
+    import report
+    kept = json.loads((tmp_path / "eff.json").read_text())
+    assert report.RENDER["efficiency"](kept["data"]) + "\n" + kept["provenance"] + "\n" == text
     rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| moco") or
             line.startswith("| split_brain")]
     assert len(rows) == 2
@@ -97,8 +107,15 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     import claims
     extra = f"--dataset folder --data-dir {tiny_folder} --batch-size 16 --workers 0 --max-steps 2"
     record = claims.main(["--claims", "colorization_loss", "--epoch-scale", "0.1", "--extra", extra,
-                          "--seeds", "2", "--out", str(tmp_path)])
+                          "--seeds", "2", "--out", str(tmp_path), "--results", str(tmp_path / "results")])
     text = (tmp_path / "claims.md").read_text()
+    kept = json.loads((tmp_path / "results" / "claim-colorization_loss.json").read_text())
+    assert kept["kind"] == "claim" and set(kept["code"]) == {"colorization.py", "common.py", "builtin_data.py",
+                                                              "benchmarks/claims.py"}
+    assert kept["command"] == f"python benchmarks/claims.py --claims colorization_loss --epoch-scale 0.1 --seeds 2 " \
+                              f"--extra '{extra}'"
+    import report
+    assert report.RENDER["claim"](kept["data"]) + "\n" + kept["provenance"] + "\n" == text  # the sweep's own table
     rows = [line for line in text.splitlines() if line.startswith("| classification") or
             line.startswith("| regression")]
     import colorization
