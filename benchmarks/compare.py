@@ -14,7 +14,10 @@ The image methods share the dataset, backbone, epochs or steps and, with
 --image-size, the image size (otherwise each uses its default: patch location needs
 80 px for its grid, jigsaw 64 px for its puzzle). Video colorization trains on videos (the
 built-in ones, or --davis-dir) and gets its own table, with region similarity J.
-Output: <out>/table.md, <out>/results.json, and each run in <out>/<method>/.
+Output: <out>/table.md, <out>/results.json (each run's eval.json and its kNN learning
+curve), and each run in <out>/<method>/. Run again with the same --out and options, it
+reads back the runs that finished and continues a stopped one from its checkpoint; a
+folder that holds runs of other options is refused.
 """
 from __future__ import annotations
 
@@ -77,8 +80,32 @@ def run_method(method: str, a, out: Path) -> dict:
     argv = command(method, a)
     if isinstance(argv, str):
         return {"method": method, "status": argv}
-    print(f"[compare] {method}: {method}.py {' '.join(argv)} --out {out / method}", flush=True)
-    return run_script(method, argv, out / method, out / f"{method}.log", a.timeout)
+    run = out / method
+    said, said_command = out / f"{method}.command", " ".join([f"{method}.py", *argv])
+    if said.is_file() and said.read_text() != said_command:  # another compare's run: never mixed into this one
+        common.fail(f"{run} holds a run of another compare ({said.read_text()}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    said.write_text(said_command)
+    earlier = {r["method"]: r for r in json.loads((out / "results.json").read_text())} \
+        if (out / "results.json").is_file() else {}
+    if (run / "eval.json").is_file() and earlier.get(method, {}).get("status") == "ok":
+        print(f"[compare] {method}: already run, reading its row of {out / 'results.json'}", flush=True)
+        return earlier[method]  # finished in an earlier, stopped compare: its figures, time and memory
+    # A run stopped midway goes on from its checkpoint, with its own options (its time: this sitting's);
+    # one that finished but was never tabulated is only evaluated again.
+    go = ["--resume", str(run)] if (run / "checkpoint.pt").is_file() else argv
+    print(f"[compare] {method}: {method}.py {' '.join(go)} --out {run}", flush=True)
+    return {**run_script(method, go, run, out / f"{method}.log", a.timeout), **learning_curve(run)}
+
+
+def learning_curve(run: Path) -> dict:
+    """The kNN monitor of the run (log.jsonl) as [share of training done, kNN] pairs, kept
+    with the figures so that the curve survives the run folder."""
+    if not (run / "log.jsonl").is_file() or not (run / "config.json").is_file():
+        return {}
+    epochs = json.loads((run / "config.json").read_text())["epochs"]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {"knn_curve": [[r["epoch"] / epochs, r["knn_top1"]] for r in records if "knn_top1" in r and "event" not in r]}
 
 
 def _pretext(r: dict) -> str:
@@ -141,9 +168,6 @@ def table(rows: list[dict], a, started: float | None = None) -> str:
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    taken = [m for m in a.methods if (out / m / "checkpoint.pt").exists()]
-    if taken:  # each method would refuse to overwrite its run: say so once, before anything runs
-        common.fail(f"--out {out} holds runs of an earlier compare ({', '.join(taken)}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []

@@ -49,6 +49,14 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     assert record["kind"] == "compare" and record["data"]["rows"] == results
     assert "rotation.py" in record["code"] and "common.py" in record["code"]
     assert report.RENDER["compare"](record["data"]) + "\n" + record["provenance"] + "\n" == text
+    assert [share for share, _ in results[0]["knn_curve"]][:1] == [0.0]  # the learning curve, from before training
+    # Again with the same folder: finished runs are read back, not run again; other options are refused.
+    again = subprocess.run(proc.args, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "rotation: already run" in again.stdout
+    assert json.loads((out / "results.json").read_text())[0]["knn_top1"] == results[0]["knn_top1"]
+    other = subprocess.run([*proc.args[:-4], "--epochs", "1", *proc.args[-4:]], cwd=ROOT, env=script_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "holds a run of another compare" in other.stderr
 
 
 def test_hooks_record_the_outermost_network_calls_with_their_inputs():
