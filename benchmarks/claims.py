@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import hashlib
 import json
 import math
 import shutil
@@ -375,7 +376,8 @@ def main(argv=None):
             argv_run = [*flags, "--epochs", str(math.ceil(own * a.epoch_scale)), *a.extra.split()]
             key = (method, tuple(argv_run))
             if key not in done:
-                folder = out / f"{method}-{len(done):02d}"
+                # named by its command: the same row finds its runs whichever claims a sweep runs with it
+                folder = out / f"{method}-{hashlib.sha1(' '.join(argv_run).encode()).hexdigest()[:8]}"
                 runs = []
                 for seed in range(a.seeds):
                     print(f"[claims] {claim}: {label}: python {method}.py {' '.join(argv_run)} --seed {seed}",

@@ -50,6 +50,18 @@ def load(folders: list[Path]) -> dict:
     return found
 
 
+def found_in(results: list[list[dict]]) -> dict:
+    """As load(), from compare results' rows (results/<name>.json's data["rows"], one list
+    per seed): each run's eval.json figures, its kNN learning curve and wall time."""
+    found = {}
+    for rows in results:
+        for r in rows:
+            if r["method"] in METHODS and r.get("status") == "ok" and "knn_top1" in r:
+                found.setdefault(r["method"], []).append({"eval": r, "curve": [tuple(p) for p in r.get("knn_curve", [])],
+                                                          "wall_s": r.get("wall_s")})
+    return found
+
+
 def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -129,6 +141,11 @@ def video_table(folders: list[Path]) -> str:
             runs.append(json.loads(path.read_text()))
             results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else []
             walls += [r["wall_s"] for r in results if r["method"] == "video_colorization" and "wall_s" in r]
+    return video_rows(runs, walls)
+
+
+def video_rows(runs: list[dict], walls: list[float]) -> str:
+    """The video table of video colorization's eval.json figures (one per seed) and wall times."""
     if not runs:
         return ""
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from registry import ROOT, code_hashes  # noqa: E402
 
 RESULTS = ROOT / "results"
-BLOCK = re.compile(r"(<!-- report: ([\w.-]+) -->\n)(.*?)(<!-- /report -->)", re.S)
+BLOCK = re.compile(r"(<!-- report: ([\w.-]+(?: [\w.-]+)*) -->\n)(.*?)(<!-- /report -->)", re.S)
 
 
 def render_unseen_videos(data) -> str:
@@ -68,19 +68,35 @@ def stale_files(record: dict) -> list[str]:
     return [f for f, digest in record["code"].items() if now.get(f) != digest]
 
 
-def render(name: str) -> str:
-    path = RESULTS / f"{name}.json"
-    if not path.is_file():
-        return f"Not measured yet: results/{name}.json is missing.\n"
-    record = json.loads(path.read_text())
-    lines = []
-    changed = stale_files(record)
-    if changed:
-        lines += [f"**Stale:** {', '.join(f'`{f}`' for f in changed)} changed after this was measured; "
-                  f"the figures below are of the earlier code until the command is run again.", ""]
-    lines += ["    " + record["command"], ""]
-    table = RENDER[record["kind"]](record["data"]).rstrip("\n")
-    return "\n".join(lines) + "\n" + table + "\n\n" + record["provenance"] + "\n"
+def view_seeds(records: list[dict]) -> str:
+    """The built-in data's table over seeds: every method's accuracies (and video
+    colorization's J), mean ± standard deviation over the compare results given, one a seed."""
+    import plot
+    rows = [r["data"]["rows"] for r in records]
+    videos = [r for seed in rows for r in seed if r["method"] == "video_colorization" and r.get("J") is not None]
+    return plot.table(plot.found_in(rows)) + plot.video_rows(videos, [r["wall_s"] for r in videos if "wall_s" in r])
+
+
+VIEWS = {"seeds": view_seeds}  # a block over several results: <!-- report: seeds name1 name2 ... -->
+
+
+def _stale_note(records: list[dict]) -> list[str]:
+    changed = sorted({f for record in records for f in stale_files(record)})
+    if not changed:
+        return []
+    return [f"**Stale:** {', '.join(f'`{f}`' for f in changed)} changed after this was measured; the figures "
+            f"below are of the earlier code until the command is run again.", ""]
+
+
+def render(spec: str) -> str:
+    view, *names = spec.split() if spec.split()[0] in VIEWS else (None, spec)
+    missing = [n for n in names if not (RESULTS / f"{n}.json").is_file()]
+    if missing:
+        return f"Not measured yet: {', '.join(f'results/{n}.json' for n in missing)} missing.\n"
+    records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    lines = _stale_note(records) + [f"    {r['command']}" for r in records] + [""]
+    table = (VIEWS[view](records) if view else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
+    return "\n".join(lines) + "\n" + table + "\n\n" + "\n".join(r["provenance"] for r in records) + "\n"
 
 
 def generated(text: str) -> str:
@@ -94,7 +110,13 @@ def targets() -> list[Path]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each file that differs")
+    p.add_argument("--fresh", nargs="+", metavar="NAME", help="write nothing; exit 0 if every results/NAME.json is "
+                                                              "there and not stale (tables.sh skips such a step)")
     a = p.parse_args(argv)
+    if a.fresh:
+        paths = [RESULTS / f"{n}.json" for n in a.fresh]
+        fresh = all(p.is_file() and not stale_files(json.loads(p.read_text())) for p in paths)
+        raise SystemExit(0 if fresh else 1)
     differ = []
     for path in targets():
         text = path.read_text()

@@ -1,42 +1,88 @@
 #!/usr/bin/env bash
-# Every table of RESULTS.md, one command after the other, at the commit checked out: the
-# built-in data with three seeds (and the figures in docs/), CIFAR-10, the DAVIS sample, moco.py
-# on the official MoCo demo's curve (one epoch), the lecture's claims and the departures, the
-# efficiency table. About 6.5 hours on 2 CPU cores;
-# run nothing else meanwhile (two trainings on two cores slow each other 5-10x). A stopped
-# claims sweep goes on where it stopped when this is run again with the same folder.
+# Every table of the docs, measured again where needed: each step keeps its raw result in
+# results/<name>.json, and `python benchmarks/report.py` then writes them into RESULTS.md,
+# README.md and docs/. A step whose result is there and not stale (the code it measured
+# unchanged) is skipped; a stopped step goes on where it stopped (its runs are kept in
+# runs/tables/). Each step's time and the total are printed. Run nothing else meanwhile:
+# two trainings on two cores slow each other 5-10x.
 #
-#   bash benchmarks/tables.sh runs/tables /tmp/cifar10-jpg ../shared/data/davis2016-sample
+#   bash benchmarks/tables.sh                                   # what needs no input
+#   bash benchmarks/tables.sh --cifar data/cifar10-jpg --davis ../shared/data/davis2016-sample
 #
-# CIFAR-10 as a JPEG folder (train/ and test/ of class folders, 32 px); without it the
-# CIFAR-10 table is left out, as is the DAVIS one without a DAVIS-layout folder.
+# Inputs, each given as an option (a step whose input is not given says so and is skipped):
+#   --cifar DIR   CIFAR-10 as 32 px JPEGs in the ImageFolder layout: python benchmarks/cifar_jpegs.py
+#                 --data-dir data --download --out data/cifar10-jpg (or extract a copy into data/)
+#   --davis DIR   a DAVIS-layout folder with masks (JPEGImages/480p, Annotations/480p)
+# About 2 h without the claims (about 5 h more) and the official curve (about 4 h for 10 epochs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-runs/tables-$(date +%Y%m%d-%H%M%S)}
-cifar=${2:-}
-davis=${3:-}
-mkdir -p "$out"
+cifar="" davis="" curve_epochs=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cifar) cifar=$2; shift 2 ;;
+    --davis) davis=$2; shift 2 ;;
+    --curve-epochs) curve_epochs=$2; shift 2 ;;
+    *) echo "error: unknown option $1 (--cifar DIR, --davis DIR, --curve-epochs N)" >&2; exit 2 ;;
+  esac
+done
+runs=runs/tables
+mkdir -p "$runs" results
+all=$(date +%s)
 
-for seed in 0 1 2; do  # compare.py refuses a folder that holds its runs: a finished seed is skipped
-  [ -f "$out/compare-s$seed/table.md" ] || python benchmarks/compare.py --out "$out/compare-s$seed" --extra "--seed $seed"
+step() {  # step NAME... -- COMMAND: run COMMAND unless every results/NAME.json is there and not stale
+  local names=() start
+  while [ "$1" != "--" ]; do names+=("$1"); shift; done
+  shift
+  if python benchmarks/report.py --fresh "${names[@]}"; then
+    echo "[tables] ${names[*]}: up to date"
+    return
+  fi
+  start=$(date +%s)
+  echo "[tables] ${names[*]}: $*"
+  "$@"
+  echo "[tables] ${names[*]}: $(( $(date +%s) - start )) s"
+}
+
+for seed in 0 1 2; do
+  step "builtin-s$seed" -- python benchmarks/compare.py --extra "--seed $seed" --out "$runs/builtin-s$seed" \
+    --result "results/builtin-s$seed.json"
 done
 if python -c "import matplotlib" 2>/dev/null; then
-  python benchmarks/plot.py "$out/compare-s0" "$out/compare-s1" "$out/compare-s2" --out docs
+  python benchmarks/plot.py "$runs/builtin-s0" "$runs/builtin-s1" "$runs/builtin-s2" --out docs
 else
-  echo "matplotlib is not installed: the figures in docs/ are not redrawn (pip install matplotlib)"
+  echo "[tables] figures: matplotlib is not installed, docs/*.png are not redrawn (pip install matplotlib)"
 fi
-if [ -n "$cifar" ] && [ ! -f "$out/compare-cifar/table.md" ]; then
-  python benchmarks/compare.py --dataset folder --data-dir "$cifar" --epochs 3 --out "$out/compare-cifar" \
-    --methods rotation patch_location jigsaw inpainting colorization split_brain simclr moco
+if [ -n "$cifar" ]; then
+  step cifar10 -- python benchmarks/compare.py --dataset folder --data-dir "$cifar" --epochs 3 --out "$runs/cifar10" \
+    --methods rotation patch_location jigsaw inpainting colorization split_brain simclr moco --result results/cifar10.json
+  step official-curve-cpu -- python benchmarks/official_curve.py --data-dir "$cifar" --epochs "$curve_epochs" \
+    --out "$runs/official-curve" --result results/official-curve-cpu.json \
+    $([ -f "$runs/official-curve/curve.json" ] && echo --resume)
+else
+  echo "[tables] cifar10, official-curve-cpu: skipped (no --cifar DIR)"
 fi
-if [ -n "$davis" ] && [ ! -f "$out/compare-davis/table.md" ]; then
-  python benchmarks/compare.py --methods video_colorization --davis-dir "$davis" --image-size 96 --epochs 30 \
-    --extra "--crop 64" --out "$out/compare-davis"
+if [ -n "$davis" ]; then
+  step davis -- python benchmarks/compare.py --methods video_colorization --davis-dir "$davis" --image-size 96 \
+    --epochs 30 --extra "--crop 64" --out "$runs/davis" --result results/davis.json
+  step unseen-videos -- python benchmarks/unseen_videos.py --davis-dir "$davis" --out "$runs/unseen-videos" \
+    --result results/unseen-videos.json
+else
+  echo "[tables] davis, unseen-videos: skipped (no --davis DIR)"
 fi
-if [ -n "$cifar" ] && [ ! -f "$out/official-curve/curve.md" ]; then
-  rm -rf "$out/official-curve"  # a curve stopped midway starts again
-  python benchmarks/official_curve.py --data-dir "$cifar" --epochs 1 --out "$out/official-curve"
+claims=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import claims; print(' '.join(claims.SWEEPS))")
+stale=()
+for claim in $claims; do
+  python benchmarks/report.py --fresh "claim-$claim" || stale+=("$claim")
+done
+if [ ${#stale[@]} -gt 0 ]; then
+  start=$(date +%s)
+  python benchmarks/claims.py --claims "${stale[@]}" --out "$runs/claims" --results results
+  echo "[tables] claims (${stale[*]}): $(( $(date +%s) - start )) s"
+else
+  echo "[tables] claims: up to date"
 fi
-python benchmarks/claims.py --out "$out/claims"
-[ -f "$out/efficiency.md" ] || python benchmarks/efficiency.py --out "$out/efficiency.md"
-echo "tables in $out: compare-s0..2/table.md, docs/compare_table.md, compare-cifar/table.md, compare-davis/table.md, official-curve/curve.md, claims/claims.md, efficiency.md"
+step efficiency -- python benchmarks/efficiency.py --profile --result results/efficiency.json
+step efficiency-resnet18 -- python benchmarks/efficiency.py --backbone resnet18 --steps 8 --profile \
+  --result results/efficiency-resnet18.json
+python benchmarks/report.py
+echo "[tables] all: $(( $(date +%s) - all )) s"

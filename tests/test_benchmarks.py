@@ -149,7 +149,8 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
 
     # The same command again continues a stopped sweep: finished runs are read back, a run
     # without its eval.json (stopped before its end) continues from its checkpoint.
-    stopped = tmp_path / "colorization-01" / "seed1"
+    regression = [f for f in tmp_path.glob("colorization-*") if "regression" in (f / "seed0" / "claims_command.txt").read_text()]
+    stopped = regression[0] / "seed1"
     (stopped / "eval.json").unlink()
     argv = ["--claims", "colorization_loss", "--epoch-scale", "0.1", "--extra", extra, "--seeds", "2",
             "--out", str(tmp_path)]
@@ -445,3 +446,18 @@ def test_report_check_passes_on_the_committed_docs():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_report_seeds_view_averages_the_compare_results_it_names(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    for seed, knn in ((0, 0.30), (1, 0.40)):
+        row = {"method": "rotation", "status": "ok", "knn_top1": knn, "random_knn_top1": 0.1, "linear_top1": 0.5,
+               "random_linear_top1": 0.2, "wall_s": 40.0 + seed, "knn_curve": [[0.0, 0.1], [1.0, knn]]}
+        registry.save_result(tmp_path / f"s{seed}.json", "compare", f"python benchmarks/compare.py --extra '--seed {seed}'",
+                             ["rotation.py"], {"options": {}, "rows": [row]}, 0.0)
+    out = report.generated("<!-- report: seeds s0 s1 -->\n<!-- /report -->\n")
+    assert "| rotation | 40 s | 0.350 ± 0.071 | 0.100 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 | +0.250 ± 0.071 / " in out
+    assert "--seed 0'" in out and "--seed 1'" in out and out.count("Made by commit") == 2
