@@ -69,7 +69,8 @@ DEMO = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "512", "
         "--min-crop", "0.08", "--augmentation", "demo", "--epochs", "200", "--schedule", "cosine"]
 # The code the curve measures: a change to any of these makes its table stale (benchmarks/report.py).
 CODE = ["moco.py", "common.py", "benchmarks/official_curve.py", "benchmarks/registry.py"]
-ON_THE_CURVE = 1.5  # points: within this of the demo's figure counts as on its curve
+ON_THE_CURVE = 2.0  # points: within this of the demo's figure counts as on its curve
+VERDICT_EPOCHS = (5, 10)  # where training, not the seed, decides: the demo gains 6 and 16 points by then
 
 
 def parse(argv=None):
@@ -152,17 +153,24 @@ def table(rows: list[dict], random: dict, wall: float, started: float) -> str:
 
 
 def verdict(rows: list[dict], who: str = "") -> str:
-    """On the curve when every epoch the demo logged is within ON_THE_CURVE points of it."""
-    logged = [r for r in rows if r["epoch"] in DEMO_LOG]
-    if not logged:
-        return "No epoch the demo logged was run."
-    worst = max(logged, key=lambda r: abs(r["head"] - DEMO_LOG[r["epoch"]]))
-    gap = worst["head"] - DEMO_LOG[worst["epoch"]]
-    if abs(gap) <= ON_THE_CURVE:
-        return (f"{who}On the demo's curve: every epoch within {ON_THE_CURVE} points of its log "
-                f"(the farthest, epoch {worst['epoch']}: {gap:+.2f}).")
-    return (f"{who}Off the demo's curve: epoch {worst['epoch']} is {gap:+.2f} points from its log "
-            f"(more than {ON_THE_CURVE}).")
+    """On or off the demo's curve at epochs 5 and 10 (VERDICT_EPOCHS): within ON_THE_CURVE
+    points of its log or not. One epoch moves with the seed by more than the band (two seeds
+    of epoch 1 lay 4.42 apart), so earlier epochs get no verdict."""
+    by_epoch = {r["epoch"]: r for r in rows}
+    said = []
+    for epoch in VERDICT_EPOCHS:
+        if epoch not in by_epoch:
+            continue
+        gap = by_epoch[epoch]["head"] - DEMO_LOG[epoch]
+        where = "on the demo's curve" if abs(gap) <= ON_THE_CURVE else "off the demo's curve"
+        said.append(f"at epoch {epoch} {where} ({by_epoch[epoch]['head']:.2f} against its log's {DEMO_LOG[epoch]}, "
+                    f"{gap:+.2f}; the band: {ON_THE_CURVE:g} points)")
+    if not said:
+        reached = max(by_epoch, default=0)
+        return (f"{who}No verdict yet: epoch {reached} reached; the verdicts are at epochs "
+                f"{' and '.join(map(str, VERDICT_EPOCHS))}, where training, not the seed, decides.")
+    text = "; ".join(said)
+    return f"{who}{text[0].upper()}{text[1:]}."
 
 
 def demo_table(rows: list[dict], random: float, wall: float, started: float) -> str:

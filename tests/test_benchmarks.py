@@ -251,8 +251,12 @@ def test_official_curve_reads_the_demos_log_and_runs_moco_epoch_by_epoch(tiny_fo
     rows = [{"epoch": 1, "head": 33.0, "backbone": 40.0}, {"epoch": 2, "head": 36.0, "backbone": 41.0}]
     text = oc.table(rows, {"head": 20.0, "backbone": 30.0}, 60.0, time.time())
     assert "| 1 | 31.98 | 33.00 | +1.02 | 40.00 |" in text and "| 2 | 33.52 | 36.00 | +2.48 | 41.00 |" in text
-    assert "Off the demo's curve: epoch 2 is +2.48 points" in text and "Made by commit" in text
-    assert oc.verdict(rows[:1]).startswith("On the demo's curve")
+    assert "No verdict yet: epoch 2 reached; the verdicts are at epochs 5 and 10" in text and "Made by commit" in text
+    five = [{"epoch": e, "head": h, "backbone": 0.0} for e, h in ((4, 36.0), (5, 39.5))]
+    assert oc.verdict(five) == "At epoch 5 on the demo's curve (39.50 against its log's 37.95, +1.55; the band: 2 points)."
+    ten = five + [{"epoch": 10, "head": 44.0, "backbone": 0.0}]
+    assert oc.verdict(ten).endswith("; at epoch 10 off the demo's curve (44.00 against its log's 48.03, -4.03; "
+                                    "the band: 2 points).")
     r = oc.main(["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0", "--out", str(tmp_path),
                  "--extra", "--backbone small --batch-size 16 --queue-size 64"])
     assert [e["epoch"] for e in r["epochs"]] == [1, 2] and [e["step"] for e in r["epochs"]] == [10, 20]
