@@ -77,7 +77,17 @@ def view_seeds(records: list[dict]) -> str:
     return plot.table(plot.found_in(rows)) + plot.video_rows(videos, [r["wall_s"] for r in videos if "wall_s" in r])
 
 
+def answer_curve(records: list[dict]) -> str:
+    """One sentence: where moco.py stands on the official demo's curve, and how far it was run."""
+    import official_curve
+    rows = records[0]["data"]["epochs"]
+    return (f"Does moco.py follow the official MoCo CIFAR-10 demo? Run to epoch {max((r['epoch'] for r in rows), default=0)} "
+            f"of the demo's 200, kNN on the head output as the demo measures it: "
+            f"{official_curve.verdict(rows)[0].lower()}{official_curve.verdict(rows)[1:]}")
+
+
 VIEWS = {"seeds": view_seeds}  # a block over several results: <!-- report: seeds name1 name2 ... -->
+SENTENCES = {"answer-curve": answer_curve}  # one sentence from a result, for prose: <!-- report: answer-curve name -->
 
 
 def _stale_note(records: list[dict]) -> list[str]:
@@ -89,11 +99,13 @@ def _stale_note(records: list[dict]) -> list[str]:
 
 
 def render(spec: str) -> str:
-    view, *names = spec.split() if spec.split()[0] in VIEWS else (None, spec)
+    view, *names = spec.split() if spec.split()[0] in (*VIEWS, *SENTENCES) else (None, spec)
     missing = [n for n in names if not (RESULTS / f"{n}.json").is_file()]
     if missing:
         return f"Not measured yet: {', '.join(f'results/{n}.json' for n in missing)} missing.\n"
     records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    if view in SENTENCES:
+        return "\n".join(_stale_note(records)) + SENTENCES[view](records) + "\n"
     lines = _stale_note(records) + [f"    {r['command']}" for r in records] + [""]
     table = (VIEWS[view](records) if view else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
     return "\n".join(lines) + "\n" + table + "\n\n" + "\n".join(r["provenance"] for r in records) + "\n"

@@ -465,3 +465,17 @@ def test_report_seeds_view_averages_the_compare_results_it_names(tmp_path, monke
     out = report.generated("<!-- report: seeds s0 s1 -->\n<!-- /report -->\n")
     assert "| rotation | 40 s | 0.350 ± 0.071 | 0.100 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 | +0.250 ± 0.071 / " in out
     assert "--seed 0'" in out and "--seed 1'" in out and out.count("Made by commit") == 2
+
+
+def test_report_answers_the_curve_question_in_one_sentence(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    data = {"random_init": {"head": 34.0, "backbone": 36.0}, "seconds": 60.0,
+            "epochs": [{"epoch": e, "step": 97 * e, "head": h, "backbone": h + 2} for e, h in ((4, 36.0), (5, 38.5))]}
+    registry.save_result(tmp_path / "curve.json", "official_curve", "python benchmarks/official_curve.py", [], data, 0.0)
+    out = report.generated("<!-- report: answer-curve curve -->\n<!-- /report -->\n")
+    assert out == ("<!-- report: answer-curve curve -->\nDoes moco.py follow the official MoCo CIFAR-10 demo? Run to "
+                   "epoch 5 of the demo's 200, kNN on the head output as the demo measures it: at epoch 5 on the "
+                   "demo's curve (38.50 against its log's 37.95, +0.55; the band: 2 points).\n<!-- /report -->\n")
