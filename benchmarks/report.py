@@ -68,13 +68,17 @@ def stale_files(record: dict) -> list[str]:
     return [f for f, digest in record["code"].items() if now.get(f) != digest]
 
 
-def view_seeds(records: list[dict]) -> str:
+def view_seeds(records: list[dict], method: str = "") -> str:
     """The built-in data's table over seeds: every method's accuracies (and video
-    colorization's J), mean ± standard deviation over the compare results given, one a seed."""
+    colorization's J), mean ± standard deviation over the compare results given, one a
+    seed; `seeds.<method>`: that method's row alone (a method's doc)."""
     import plot
-    rows = [r["data"]["rows"] for r in records]
+    rows = [[r for r in record["data"]["rows"] if r["method"] == method or not method] for record in records]
     videos = [r for seed in rows for r in seed if r["method"] == "video_colorization" and r.get("J") is not None]
-    return plot.table(plot.found_in(rows)) + plot.video_rows(videos, [r["wall_s"] for r in videos if "wall_s" in r])
+    found = plot.found_in(rows)
+    if not found and not videos:
+        return f"No finished run{' of ' + method if method else ''} in these results.\n"
+    return (plot.table(found) if found else "") + plot.video_rows(videos, [r["wall_s"] for r in videos if "wall_s" in r])
 
 
 def answer_curve(records: list[dict]) -> str:
@@ -99,7 +103,10 @@ def _stale_note(records: list[dict]) -> list[str]:
 
 
 def render(spec: str) -> str:
-    view, *names = spec.split() if spec.split()[0] in (*VIEWS, *SENTENCES) else (None, spec)
+    first = spec.split()[0]
+    view, *names = spec.split() if first.split(".")[0] in (*VIEWS, *SENTENCES) else (None, spec)
+    view, _, option = (view or "").partition(".")
+    view = view or None
     missing = [n for n in names if not (RESULTS / f"{n}.json").is_file()]
     if missing:
         return f"Not measured yet: {', '.join(f'results/{n}.json' for n in missing)} missing.\n"
@@ -107,7 +114,8 @@ def render(spec: str) -> str:
     if view in SENTENCES:
         return "\n".join(_stale_note(records)) + SENTENCES[view](records) + "\n"
     lines = _stale_note(records) + [f"    {r['command']}" for r in records] + [""]
-    table = (VIEWS[view](records) if view else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
+    table = (VIEWS[view](records, *([option] if option else [])) if view
+             else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
     return "\n".join(lines) + "\n" + table + "\n\n" + "\n".join(r["provenance"] for r in records) + "\n"
 
 
