@@ -159,8 +159,11 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
         for first, second in zip(c[label]["runs"], again[label]["runs"]):
             assert {k: first[k] for k in first if "top1" in k} == {k: second[k] for k in second if "top1" in k}
     assert (stopped / "eval.json").is_file() and f"resumed {stopped}" in (stopped.parent / "seed1.log").read_text()
-    with pytest.raises(common.RunError, match="another sweep"):  # other options: not mixed into this sweep
-        claims.main([*argv[:-2], "--epoch-scale", "0.2", "--out", str(tmp_path)])
+    # A run's folder is named by its command, so other options land elsewhere; a folder that
+    # still holds another command's run (named by hand, or a hash collision) is refused.
+    assert stopped.parent.name.startswith("colorization-") and len({f.name for f in regression}) == 1
+    with pytest.raises(common.RunError, match="another sweep"):
+        claims.run_seed("colorization", ["--loss", "regression", "--epochs", "3"], stopped)
 
 
 def test_claims_need_a_difference_beyond_the_spread_of_the_seeds():
