@@ -1081,32 +1081,43 @@ def crop_whole(x: WholeImages, cw, ch, cx, cy, sign, size: int, batched: bool | 
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma, (N, 1, H, W) (torchvision's rgb_to_grayscale rounds red's 0.299 to 0.2989)."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """ITU-R 601 luma, (N, 1, H, W) (torchvision's rgb_to_grayscale rounds red's 0.299 to 0.2989),
+    as one product and two in-place multiply-adds over the channel planes."""
+    r, g, b = x.unbind(1)
+    return (r * 0.299).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
-def _rgb_to_hsv(x: torch.Tensor):
-    """(h in [0, 1), s, v), each (N, H, W), as torchvision's _rgb2hsv. The channel maxima come
-    from elementwise maximum, not max(dim=1) (a reduction over a strided dimension, several
-    times slower on a CPU); a tie goes to the first channel, as argmax's does."""
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue (RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB) without
+    building h, s and v: a hue shift keeps each pixel's largest channel v and smallest
+    v - delta, and moves the middle one. x: (N, 3, H, W) in [0, 1], shift: (N, 1, 1).
+
+    With H = 6 h (+ 6 shift) taken mod 6 once, torchvision's channel c is
+    v - delta clamp(2 - |H - centre_c|, 0, 1), centres 3 (red), 5 (green), 1 (blue), the
+    distance taken around the circle of 6; as delta >= 0 that is
+    clamp(v - 2 delta + delta |H - centre_c|, v - delta, v). H of the unshifted pixel:
+    (g - b) / delta if red is largest, (b - r) / delta + 2 if green, (r - g) / delta + 4 if
+    blue, a tie going to the first (argmax's order, as torchvision). Grey pixels
+    (delta = 0) come back as they were, whatever H. About 1.4x faster on a CPU than the
+    HSV round trip written out (256 images of 32 px); equal to torchvision's to 1e-4
+    (tests/test_common.py)."""
     r, g, b = x.unbind(1)
     v = torch.maximum(torch.maximum(r, g), b)
-    delta = v - torch.minimum(torch.minimum(r, g), b)
-    s = delta / v.clamp(min=1e-8)  # v = 0 only where r = g = b = 0, so delta = 0 and s = 0 there
-    d = delta.clamp(min=1e-8)
-    red, green = r == v, g == v
-    q = select(red, g - b, select(green, b - r, r - g)) / d  # one division for the three cases
-    h = select(red, select(q < 0, q + 6, q), q + (4.0 - 2.0 * green))  # q mod 6 for red (q in [-1, 1]); + 2 or + 4
-    return h / 6 * (delta > 0), s, v  # h >= 0, so h / 6 where delta > 0 and 0 elsewhere
-
-
-def _hsv_to_rgb_into(out: torch.Tensor, h, s, v) -> torch.Tensor:
-    """HSV (each (N, H, W)) back to RGB, written into out (N, 3, H, W): channel c is
-    v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1."""
-    vs, h6 = v * s, h * 6
-    for c, n in enumerate((5, 3, 1)):
-        k = (n + h6) % 6
-        torch.sub(v, vs * torch.clamp(torch.minimum(k, 4 - k), 0, 1), out=out[:, c])
+    low = torch.minimum(torch.minimum(r, g), b)
+    delta = v - low
+    # 0/1 masks made as floats (a bool result and its conversion cost several times more
+    # on a CPU), then lerp between the cases: lerp(a, b, 0) = a, lerp(a, b, 1) = b exactly.
+    red, green = torch.eq(r, v, out=torch.empty_like(v)), torch.eq(g, v, out=torch.empty_like(v))
+    h = torch.lerp(torch.lerp(r - g, b - r, green), g - b, red).div_(delta.clamp(min=1e-8))
+    h.add_(torch.lerp(4.0 - 2.0 * green, torch.zeros(()), red)).add_(6 * shift)  # + 4 (blue), 2 (green), 0 (red)
+    h.sub_(torch.floor(h / 6).mul_(6))  # mod 6: H in [0, 6] (6 only by rounding, the same hue as 0)
+    base = v - 2 * delta
+    out = torch.empty_like(x)
+    # |H - 3| <= 3 needs no wrapping; around the circle, green's distance is at most H + 1
+    # and blue's 7 - H (both matter only below 2, where the clamp lets them through).
+    for c, distance in enumerate(((h - 3).abs_(), torch.minimum((h - 5).abs_(), h + 1),
+                                  torch.minimum((h - 1).abs_(), 7 - h))):
+        torch.clamp(distance.mul_(delta).add_(base), low, v, out=out[:, c])
     return out
 
 
@@ -1122,25 +1133,23 @@ def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, 
 
     b, c, s = factor(brightness), factor(contrast), factor(saturation)  # drawn in this order, then the hue
     shift = torch.empty(n, 1, 1, device=dev).uniform_(-hue, hue)
-    apply = torch.rand(n, device=dev) < p
-    i = apply.nonzero().squeeze(1)  # only the images drawn for it: each image's jitter is its own
-    out = x.clone()
-    out[i] = jitter_colours(x[i], b[i], c[i], s[i], shift[i])
-    return out
+    apply = torch.rand(n, 1, 1, 1, device=dev) < p
+    # every image jittered, those not drawn for it kept as they came: each image's jitter is
+    # its own, so this equals jittering only the drawn ones, without gathering them.
+    return select(apply, jitter_colours(x, b, c, s, shift), x)
 
 
 def jitter_colours(x: torch.Tensor, b, c, s, shift) -> torch.Tensor:
     """Brightness, contrast, saturation by the factors b, c, s (N, 1, 1, 1) and hue by shift
-    (N, 1, 1, a fraction of the circle), each as torchvision's adjust_* and clamped to
-    [0, 1]; in place on one copy of x, in as few passes as the formulas allow."""
-    out = x * b
-    out.clamp_(0, 1)
+    (N, 1, 1, a fraction of the circle), each as torchvision's adjust_*: a blend
+    f img + (1 - f) other, clamped to [0, 1] (other: black, the grey image's mean, the grey
+    image), in place on one copy of x; then the hue (_shift_hue)."""
+    out = (x * b).clamp_(0, 1)
     mean = _grey(out).mean((1, 2, 3), keepdim=True)
-    out.sub_(mean).mul_(c).add_(mean).clamp_(0, 1)
-    grey = _grey(out)
-    out.sub_(grey).mul_(s).add_(grey).clamp_(0, 1)
-    h, sat, v = _rgb_to_hsv(out)
-    return _hsv_to_rgb_into(out, (h + shift) % 1.0, sat, v)
+    out = out.mul_(c).add_(mean * (1 - c)).clamp_(0, 1)
+    grey = _grey(out).mul_(1 - s)
+    out = out.mul_(s).add_(grey).clamp_(0, 1)
+    return _shift_hue(out, shift)
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:

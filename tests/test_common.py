@@ -311,13 +311,17 @@ def test_colour_jitter_is_torchvisions_adjustments_in_order():
     torchvision's functional adjust_* (the plainly written reference)."""
     import torchvision.transforms.v2.functional as TF
     torch.manual_seed(0)
-    x = torch.rand(6, 3, 12, 12)
-    x[1, 0] = x[1, 1]  # ties between channels
+    x = torch.rand(12, 3, 12, 12)
+    x[1, 0] = x[1, 1]  # ties between channels: red and green, green and blue, red and blue
+    x[3, 1] = x[3, 2]
+    x[4, 0] = x[4, 2]
     x[2] = 0.5  # grey
-    b, c, s = (torch.empty(6, 1, 1, 1).uniform_(0.6, 1.4) for _ in range(3))
-    shift = torch.empty(6, 1, 1).uniform_(-0.1, 0.1)
+    x[5, :, :6] = 0.0  # black
+    b, c, s = (torch.empty(12, 1, 1, 1).uniform_(0.6, 1.4) for _ in range(3))
+    # the demo's hue 0.1 and v1's 0.4: shifts across sector boundaries and around the circle
+    shift = torch.cat([torch.empty(6, 1, 1).uniform_(-0.1, 0.1), torch.empty(6, 1, 1).uniform_(-0.5, 0.5)])
     out = common.jitter_colours(x, b, c, s, shift)
-    for i in range(6):
+    for i in range(12):
         y = TF.adjust_brightness(x[i], float(b[i]))
         y = TF.adjust_contrast(y, float(c[i]))
         y = TF.adjust_saturation(y, float(s[i]))
