@@ -66,19 +66,26 @@ def ab_bins(grid: float = GRID) -> torch.Tensor:
     return cells * grid
 
 
-def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int = 5, sigma: float = 5.0, table=None) -> torch.Tensor:
-    """ab (N, 2, H, W) -> targets (N, Q, H, W): each pixel spread over its k nearest bins
-    with Gaussian weights exp(-d^2 / 2 sigma^2), summing to 1 (paper sec. 2.1). With
-    `table` (bin_table(bins)) the k nearest are searched near each pixel's own grid cell
-    (the same bins, either one on an exact tie, in a quarter of the time: nearest_bins);
-    without it, among all Q bins."""
+def soft_targets(ab: torch.Tensor, bins: torch.Tensor, k: int = 5, sigma: float = 5.0, table=None):
+    """The soft targets Z of ab (N, 2, H, W), kept sparse: each pixel's k nearest bins
+    (N, k, H, W, nearest first) and their Gaussian weights exp(-d^2 / 2 sigma^2), summing to
+    1 (paper sec. 2.1); every other bin's Z is 0. With `table` (bin_table(bins)) the k
+    nearest are searched near each pixel's own grid cell (the same bins, either one on an
+    exact tie, in a quarter of the time: nearest_bins); without it, among all Q bins."""
     n, _, h, w = ab.shape
     flat = ab.permute(0, 2, 3, 1).reshape(-1, 2)
     d2 = torch.cdist(flat, bins.to(ab)) ** 2  # P x Q
     near_d2, near = d2.topk(k, dim=1, largest=False) if table is None else nearest_bins(d2, flat, table, k)
     weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)  # Gaussian weights, normalised
-    target = torch.zeros_like(d2).scatter_(1, near, weights)
-    return target.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return near.view(n, h, w, k).permute(0, 3, 1, 2), weights.view(n, h, w, k).permute(0, 3, 1, 2)
+
+
+def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int = 5, sigma: float = 5.0, table=None) -> torch.Tensor:
+    """ab (N, 2, H, W) -> Z (N, Q, H, W), the paper's H_gt^-1(Y) written out: soft_targets'
+    weights at their bins, 0 elsewhere (for reading and testing; training keeps Z sparse)."""
+    near, weights = soft_targets(ab, bins, k, sigma, table)
+    n, _, h, w = ab.shape
+    return torch.zeros(n, len(bins), h, w, device=ab.device).scatter_(1, near, weights)
 
 
 def bin_table(bins: torch.Tensor, grid: float = GRID, reach: int = 2) -> dict:
@@ -179,11 +186,13 @@ class ColorizationNet(nn.Module):
 # ---------------------------------------------------------------------------
 # Loss: L_cl, the rebalanced multinomial cross-entropy (paper eq. 2)
 # ---------------------------------------------------------------------------
-def multinomial_loss(logits: torch.Tensor, Z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def multinomial_loss(logits: torch.Tensor, near: torch.Tensor, Z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """L_cl(Zhat, Z) = -sum_hw v(Z_hw) sum_q Z_hwq log Zhat_hwq (paper eq. 2), averaged over
-    pixels: the cross-entropy against the soft targets Z, each pixel weighted by v, the
-    class-rebalancing weight of its nearest bin. logits (N, Q, h, w), Z (N, Q, h, w), v (N, h, w)."""
-    return -(v * (Z * F.log_softmax(logits, dim=1)).sum(1)).mean()
+    pixels: the cross-entropy against the soft targets, each pixel weighted by v, the
+    class-rebalancing weight of its nearest bin. Z is sparse (soft_targets): only the k
+    nearest bins `near` of a pixel have Z_hwq > 0, so the sum over q runs over those k.
+    logits (N, Q, h, w); near, Z (N, k, h, w); v (N, h, w)."""
+    return -(v * (Z * F.log_softmax(logits, dim=1).gather(1, near)).sum(1)).mean()
 
 
 # ---------------------------------------------------------------------------
@@ -220,7 +229,8 @@ def train(args: Args):
     backbone, width = common.build_backbone(args.backbone, args.image_size)
     outputs = len(bins) if args.loss == "classification" else 2
     model = run.prepare(ColorizationNet(backbone, width, args.image_size, outputs))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=args.weight_decay,
+                                 fused=run.fused)
 
     total_steps = args.epochs * len(loader)
     parts = {"model": model, "optimizer": optimizer}
@@ -239,8 +249,8 @@ def train(args: Args):
         with run.autocast():
             out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
         if args.loss == "classification":
-            Z = soft_encode(ab, bins, table=table)  # soft targets: (N, Q, h, w)
-            loss = multinomial_loss(out, Z, weights[Z.argmax(1)])  # v(Z_hw): the weight of the nearest bin
+            near, Z = soft_targets(ab, bins, table=table)  # soft targets: the 5 nearest bins (N, 5, h, w), weights
+            loss = multinomial_loss(out, near, Z, weights[near[:, 0]])  # v(Z_hw): the weight of the nearest bin
         else:
             loss = F.mse_loss(out, ab / 100)  # ab scaled to about [-1, 1]
         run.check_finite(loss)  # [plumbing] stop on nan/inf, keep the last good checkpoint

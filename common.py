@@ -1503,6 +1503,9 @@ class Run:
         self.cuda = self.device.type == "cuda"
         self.amp = args.amp and self.cuda
         self.channels_last = uses_channels_last(self.device)
+        # The optimizers' fused kernels (torch.optim's fused=True, on CPUs and CUDA): the same
+        # update as the loop over parameters, in one pass; about 3x faster on a CPU.
+        self.fused = self.device.type in ("cpu", "cuda")
         # Each process gets its own seed so augmentations differ between processes; what the
         # run keeps still starts equal: steps() gives every process rank 0's (see _share).
         torch.manual_seed(args.seed + self.rank)

@@ -206,8 +206,8 @@ def train(args: Args):
     backbone, width = common.build_backbone(args.backbone, args.image_size)
     model = run.prepare(ContextEncoder(backbone, width, args.image_size, common.Normalize()))
     disc = run.prepare(Discriminator())
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr * 0.1, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.999), fused=run.fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr * 0.1, betas=(0.5, 0.999), fused=run.fused)
 
     total_steps = args.epochs * len(loader)
     parts = {"model": model, "discriminator": disc, "opt_g": opt_g, "opt_d": opt_d}

@@ -223,7 +223,7 @@ def train(args: Args):
     backbone, width = common.build_backbone(args.backbone, args.tile)
     model = run.prepare(ContextFreeNet(backbone, width, args.num_perms))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, fused=run.fused)
 
     total_steps = args.epochs * len(loader)
     warmup = int(args.warmup_epochs * len(loader))

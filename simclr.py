@@ -153,7 +153,8 @@ def train(args: Args):
     if args.optimizer == "lars":
         optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
+                                    fused=run.fused)
     run.print(f"augmentations: {', '.join(sorted(chosen)) or 'none'}; "
               f"negatives per view: {2 * args.batch_size * run.world - 2}")
 

@@ -70,23 +70,31 @@ def l_centres(l_bins: int) -> torch.Tensor:
     return ((torch.arange(l_bins) + 0.5) * 100 / l_bins).view(-1, 1)
 
 
-def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0,
-                table=None) -> torch.Tensor:
-    """values (N, D, h, w) -> targets (N, Q, h, w): each pixel spread over its k nearest
-    bin centres (Q, D) with Gaussian weights exp(-d^2 / 2 sigma^2), summing to 1. This is
-    H(X) of the paper's classification loss (sec. 3.1, eq. 4), the soft encoding of the
-    colorization paper (Zhang et al. 2016, sec. 2.1): for ab k = 5, sigma = 5 (half a bin),
-    and for L the same, half an L bin. Neither paper's split-brain section rebalances
-    the classes, so neither half does here. `table` (bin_table(ab bins)): the ab search
-    near each pixel's own grid cell, the same bins, faster; without it, among all Q."""
+def soft_targets(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0, table=None):
+    """The soft targets of values (N, D, h, w), kept sparse: each pixel's k nearest bin
+    centres (Q, D) as (N, k, h, w) indices, nearest first, and their Gaussian weights
+    exp(-d^2 / 2 sigma^2), summing to 1; every other bin's target is 0. This is H(X) of the
+    paper's classification loss (sec. 3.1, eq. 4), the soft encoding of the colorization
+    paper (Zhang et al. 2016, sec. 2.1): for ab k = 5, sigma = 5 (half a bin), and for L the
+    same, half an L bin. Neither paper's split-brain section rebalances the classes, so
+    neither half does here. `table` (bin_table(ab bins)): the ab search near each pixel's
+    own grid cell, the same bins, faster; without it, among all Q."""
     n, d, h, w = values.shape
     flat = values.permute(0, 2, 3, 1).reshape(-1, d)
     d2 = torch.cdist(flat, centres.to(values)) ** 2  # P x Q
     k = min(k, len(centres))
     near_d2, near = d2.topk(k, dim=1, largest=False) if table is None else nearest_bins(d2, flat, table, k)
     weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)
-    target = torch.zeros_like(d2).scatter_(1, near, weights)
-    return target.view(n, h, w, -1).permute(0, 3, 1, 2)
+    return near.view(n, h, w, k).permute(0, 3, 1, 2), weights.view(n, h, w, k).permute(0, 3, 1, 2)
+
+
+def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0,
+                table=None) -> torch.Tensor:
+    """values (N, D, h, w) -> targets (N, Q, h, w), written out: soft_targets' weights at
+    their bins, 0 elsewhere (for reading and testing; the loss takes them sparse)."""
+    near, weights = soft_targets(values, centres, k, sigma, table)
+    n, _, h, w = values.shape
+    return torch.zeros(n, len(centres), h, w, device=values.device).scatter_(1, near, weights)
 
 
 def bin_table(bins: torch.Tensor, grid: float = GRID, reach: int = 2) -> dict:
@@ -194,9 +202,11 @@ class SplitBrain(nn.Module):
 # ---------------------------------------------------------------------------
 # Loss: the cross-entropy against the soft targets, for each half (paper eq. 4)
 # ---------------------------------------------------------------------------
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-sum_q Z_q log softmax(logits)_q, averaged over pixels (paper eq. 4)."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+def soft_cross_entropy(logits: torch.Tensor, near: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """-sum_q Z_q log softmax(logits)_q, averaged over pixels (paper eq. 4), with the
+    targets sparse (soft_targets): Z_q > 0 only at a pixel's k nearest bins `near`, so the
+    sum runs over those. logits (N, Q, h, w); near, Z (N, k, h, w)."""
+    return -(Z * F.log_softmax(logits, dim=1).gather(1, near)).sum(1).mean()
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +239,7 @@ def train(args: Args):
     half_width = args.halves == "half"
     model = run.prepare(SplitBrain(args.backbone, args.image_size, len(bins) if classify else 2,
                                    args.l_bins if classify else 1, half_width))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=run.fused)
     run.print(f"F1: L -> ab over {len(bins)} bins; F2: ab -> L over {args.l_bins} bins; "
               f"representation width {common.unwrap(model).width}")
 
@@ -252,8 +262,8 @@ def train(args: Args):
         out1, out2 = out1.float(), out2.float()
         target = F.adaptive_avg_pool2d(lab, out1.shape[-2:])  # Lab at the heads' size
         if classify:
-            loss1 = soft_cross_entropy(out1, soft_encode(target[:, 1:], bins, sigma=GRID / 2, table=table))  # L -> ab
-            loss2 = soft_cross_entropy(out2, soft_encode(target[:, :1], L_bins, sigma=50 / args.l_bins))  # ab -> L
+            loss1 = soft_cross_entropy(out1, *soft_targets(target[:, 1:], bins, sigma=GRID / 2, table=table))  # L -> ab
+            loss2 = soft_cross_entropy(out2, *soft_targets(target[:, :1], L_bins, sigma=50 / args.l_bins))  # ab -> L
         else:
             loss1 = F.mse_loss(out1, target[:, 1:] / 100)
             loss2 = F.mse_loss(out2, target[:, :1] / 50 - 1)
@@ -324,10 +334,11 @@ def test_errors(model, dataset, bins, args, device, batch_size=256) -> dict:
         ab_err += (ab_hat - lab[:, 1:]).abs().mean().item() * len(x)
         l_err += (L_hat - lab[:, :1]).abs().mean().item() * len(x)
         if args.loss == "classification":
-            for name, out, target in (("ab", out1, soft_encode(lab[:, 1:], bins, sigma=GRID / 2, table=table)),
-                                      ("L", out2, soft_encode(lab[:, :1], L_bins, sigma=50 / args.l_bins))):
-                xent[name] += soft_cross_entropy(out, target).item() * len(x)
-                mean_target[name] = mean_target.get(name, 0) + target.mean((2, 3)).sum(0)
+            for name, out, (near, Z) in (("ab", out1, soft_targets(lab[:, 1:], bins, sigma=GRID / 2, table=table)),
+                                         ("L", out2, soft_targets(lab[:, :1], L_bins, sigma=50 / args.l_bins))):
+                xent[name] += soft_cross_entropy(out, near, Z).item() * len(x)
+                dense = torch.zeros_like(out).scatter_(1, near, Z)  # the targets written out, (N, Q, h, w)
+                mean_target[name] = mean_target.get(name, 0) + dense.mean((2, 3)).sum(0)
         count += len(x)
         truth.append(lab)
     model.train()

@@ -255,7 +255,7 @@ def train(args: Args):
     _, ab = split_lab(common.to_float(torch.stack([clips[i][0][0] for i in picks]), run.device))
     ab = F.adaptive_avg_pool2d(ab, feature_size(common.unwrap(model), *ab.shape[-2:]))
     centres = kmeans(ab.permute(0, 2, 3, 1).reshape(-1, 2), args.clusters, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=run.fused)
 
     total_steps = args.epochs * len(loader)
     warmup = int(args.warmup_epochs * len(loader))

@@ -74,6 +74,29 @@ def test_the_window_search_finds_the_same_bins_as_the_full_search(bins):
         assert torch.equal(col.soft_encode(ab, bins, table=table), col.soft_encode(ab, bins))
 
 
+def test_the_sparse_loss_is_eq_2_over_the_dense_targets(bins):
+    """Training keeps Z sparse (the 5 nearest bins and their weights) and weights each pixel
+    by its nearest bin; written out with the dense Z of soft_encode, eq. 2 is
+    -mean_hw v(argmax_q Z_hwq) sum_q Z_hwq log softmax(logits)_hwq: the same loss and the
+    same gradient."""
+    torch.manual_seed(0)
+    ab = (torch.rand(3, 2, 4, 4) - 0.5) * 150
+    table = col.bin_table(bins)
+    near, Z = col.soft_targets(ab, bins, table=table)
+    assert near.shape == Z.shape == (3, 5, 4, 4)
+    dense = col.soft_encode(ab, bins, table=table)
+    assert torch.equal(near[:, 0], dense.argmax(1))  # nearest first: v's bin
+    assert torch.equal(dense.gather(1, near), Z)
+    w = torch.rand(len(bins)) + 0.5
+    logits = torch.randn(3, len(bins), 4, 4, requires_grad=True)
+    sparse = col.multinomial_loss(logits, near, Z, w[near[:, 0]])
+    (g_sparse,) = torch.autograd.grad(sparse, logits)
+    reference = -(w[dense.argmax(1)] * (dense * torch.log_softmax(logits, dim=1)).sum(1)).mean()
+    (g_dense,) = torch.autograd.grad(reference, logits)
+    assert sparse.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(g_sparse, g_dense, atol=1e-7)
+
+
 def test_targets_are_pixels_at_the_output_stride_not_means():
     """The released code's data_ab_ss: every 4th pixel. A sharp edge between two colours
     stays two colours; a mean would make a third that no pixel has."""

@@ -85,15 +85,21 @@ def test_targets_are_soft_encodings_over_the_nearest_bins():
 
 
 def test_soft_cross_entropy_against_a_loop():
+    """The loss takes the targets sparse (the 5 nearest bins and their weights); against
+    -sum_q Z_q log p_q over the targets written out, pixel by pixel."""
     torch.manual_seed(0)
-    logits, target = torch.randn(2, 4, 3, 3), torch.softmax(torch.randn(2, 4, 3, 3), 1)
+    bins = sb.ab_bins()
+    logits = torch.randn(2, len(bins), 3, 3)
+    ab = (torch.rand(2, 2, 3, 3) - 0.5) * 150
+    near, Z = sb.soft_targets(ab, bins, sigma=5.0, table=sb.bin_table(bins))
+    target = sb.soft_encode(ab, bins, sigma=5.0)
     total = 0.0
     for n in range(2):
         for i in range(3):
             for j in range(3):
                 p = torch.softmax(logits[n, :, i, j], 0)
                 total += -(target[n, :, i, j] * p.log()).sum()
-    assert torch.allclose(sb.soft_cross_entropy(logits, target), total / 18)
+    assert torch.allclose(sb.soft_cross_entropy(logits, near, Z), total / 18)
 
 
 def test_end_to_end_and_regression(tiny_folder, tmp_path):
