@@ -1,9 +1,11 @@
 """The lecture's claims, and each method's departures from its paper, each turned into a
 small sweep and a table.
 
-    python benchmarks/claims.py                              # all claims and departures, 3 seeds, built-in data (~5 h, 2 CPU cores)
+    python benchmarks/claims.py                              # all claims and departures, 3 seeds, built-in data
     python benchmarks/claims.py --claims moco_queue moco_momentum --epoch-scale 0.5 --seeds 2
-    python benchmarks/claims.py --extra "--dataset folder --data-dir /tmp/cifar10-jpg" --out runs/claims-cifar
+    python benchmarks/claims.py --extra "--dataset folder --data-dir data/cifar10-jpg" --out runs/claims-cifar
+
+How long each takes on 2 CPU cores: README, "Reproduce the results".
 
 A departure's table sets the method's default (the paper's method, scaled down) beside
 its opt-in variants (ours, or from later work), so each variant's measured effect is on
@@ -13,7 +15,8 @@ a row shared by two claims runs once. A stopped sweep goes on where it stopped w
 the same command is given again: finished runs are read from their eval.json, a run
 stopped midway continues from its checkpoint (--resume). Each table gives mean ±
 standard deviation over the seeds and ends with a
-verdict: whether our measurement agrees with the lecture, at this budget. A
+verdict on the lecture's claim, at this budget: holds, partly (on one of kNN and
+linear), contradicted (the opposite holds) or not shown. A
 difference counts only where it exceeds the spread (the better mean minus its
 standard deviation above the other mean plus its own), so one seed settles nothing.
 The inpainting and colorization claims also collect the runs' picture grids side
@@ -85,26 +88,36 @@ def _best(rows: dict, key: str) -> str:
 
 
 def _on_both(holds: dict, claim: str) -> str:
-    """holds: metric name -> (bool, detail). The verdict over kNN and linear accuracy."""
-    yes = [name for name, (ok, _) in holds.items() if ok]
-    details = "; ".join(f"{name}: {detail}" for name, (_, detail) in holds.items())
+    """holds: metric name -> (holds, the opposite holds, detail), each beyond the spread of
+    the seeds. The verdict over kNN and linear accuracy: holds (on both), partly (on one),
+    contradicted (the opposite, and the claim on neither), or not shown."""
+    yes = [name for name, (ok, _, _) in holds.items() if ok]
+    no = [name for name, (_, opposite, _) in holds.items() if opposite]
+    details = "; ".join(f"{name}: {detail}" for name, (_, _, detail) in holds.items())
     if len(yes) == len(holds):
-        return f"agrees: {claim} ({details})"
+        return f"holds: {claim} ({details})"
     if yes:
-        return f"partly: {claim} holds for {' and '.join(yes)} only ({details})"
+        against = f", the opposite for {' and '.join(no)}" if no else " only"
+        return f"partly: {claim} holds for {' and '.join(yes)}{against} ({details})"
+    if no:
+        return f"contradicted: the opposite of '{claim}' holds for {' and '.join(no)} beyond the spread ({details})"
     return f"not shown: {claim} does not hold beyond the spread of the seeds ({details})"
 
 
 def _rotation(r):
-    return _on_both({name: (_best(r, key) == "4 angles", f"best {_best(r, key)}") for key, name in METRICS},
-                    "4 angles are best")
+    holds = {}
+    for key, name in METRICS:
+        best = _best(r, key)
+        better = [label for label in r if label != "4 angles" and beats(r[label], r["4 angles"], key)]
+        holds[name] = (best == "4 angles", bool(better), f"best {best}")
+    return _on_both(holds, "4 angles are best")
 
 
 def _simclr(r):
     holds = {}
     for key, name in METRICS:
         alone = max((r["crop"], r["colour"]), key=lambda row: row.mean(key))
-        holds[name] = (beats(r["crop + colour"], alone, key),
+        holds[name] = (beats(r["crop + colour"], alone, key), beats(alone, r["crop + colour"], key),
                        f"{r['crop + colour'].show(key)} against {alone.show(key)} for the better one alone")
     return _on_both(holds, "crop + colour beats either alone")
 
@@ -113,7 +126,8 @@ def _queue(r):
     holds = {}
     for key, name in METRICS:
         rows = list(r.values())
-        holds[name] = (all(beats(b, a, key) for a, b in zip(rows, rows[1:])), ", ".join(row.show(key) for row in rows))
+        holds[name] = (all(beats(b, a, key) for a, b in zip(rows, rows[1:])),
+                       any(beats(a, b, key) for a, b in zip(rows, rows[1:])), ", ".join(row.show(key) for row in rows))
     return _on_both(holds, "accuracy grows with the number of negatives")
 
 
@@ -122,7 +136,8 @@ def _momentum(r):
     for key, name in METRICS:
         slow = max((r["m = 0.99"], r["m = 0.999"]), key=lambda row: row.mean(key))
         fast = max((r["m = 0"], r["m = 0.9"]), key=lambda row: row.mean(key))
-        holds[name] = (beats(slow, fast, key), f"best slow {slow.show(key)}, best fast {fast.show(key)}")
+        holds[name] = (beats(slow, fast, key), beats(fast, slow, key),
+                       f"best slow {slow.show(key)}, best fast {fast.show(key)}")
     return _on_both(holds, "a slow key encoder (m = 0.99 or 0.999) beats a fast one (m = 0 or 0.9)")
 
 
@@ -130,8 +145,8 @@ def _negatives(r):
     holds = {}
     for key, name in METRICS:
         moco, bank, batch = r["MoCo: queue + momentum encoder"], r["memory bank"], r["end-to-end"]
-        holds[name] = (beats(moco, bank, key), f"MoCo {moco.show(key)}, memory bank {bank.show(key)}, "
-                                                f"end-to-end {batch.show(key)}")
+        holds[name] = (beats(moco, bank, key), beats(bank, moco, key), f"MoCo {moco.show(key)}, memory bank "
+                                                                       f"{bank.show(key)}, end-to-end {batch.show(key)}")
     return _on_both(holds, "MoCo's queue beats the memory bank's stale keys")
 
 
@@ -140,7 +155,9 @@ def _inpainting(r):
     detail = (f"edge strength of the fill {adv.show('pretext_hole_sharpness')} against "
               f"{rec.show('pretext_hole_sharpness')}")
     if beats(adv, rec, "pretext_hole_sharpness"):
-        return f"agrees: the fill has stronger edges with the adversarial loss ({detail} of the original's)"
+        return f"holds: the fill has stronger edges with the adversarial loss ({detail} of the original's)"
+    if beats(rec, adv, "pretext_hole_sharpness"):
+        return f"contradicted: the fill is sharper without the adversarial loss ({detail})"
     return f"not shown: the fill is not sharper with the adversarial loss beyond the spread ({detail})"
 
 
@@ -149,7 +166,9 @@ def _colour(r):
     detail = (f"chroma {c.show('pretext_colourfulness', '.2f')} of the true, "
               f"regression {g.show('pretext_colourfulness', '.2f')}")
     if beats(c, g, "pretext_colourfulness"):
-        return f"agrees: classification gives more colourful output ({detail})"
+        return f"holds: classification gives more colourful output ({detail})"
+    if beats(g, c, "pretext_colourfulness"):
+        return f"contradicted: regression gives more colourful output ({detail})"
     return f"not shown: classification is not more colourful beyond the spread ({detail})"
 
 
@@ -158,7 +177,7 @@ def _split_brain(r):
     # (L and ab through two half networks, against L alone). The absolute accuracies are
     # given beside it, since a reader compares those too.
     s, c = r["split-brain"], r["colorization"]
-    return _on_both({name: (beats(s, c, "gain_" + key),
+    return _on_both({name: (beats(s, c, "gain_" + key), beats(c, s, "gain_" + key),
                             f"gain {s.show('gain_' + key)} against {c.show('gain_' + key)}, absolute "
                             f"{s.show(key)} against {c.show(key)}") for key, name in METRICS},
                     "split-brain's features gain more than colorization's")
@@ -268,6 +287,20 @@ DEPARTURES = {
                       _departure),
 }
 SWEEPS = {**CLAIMS, **DEPARTURES}
+
+
+def verdict_of(claim: str, results: dict) -> str:
+    """The verdict line of a claim from its results (label -> {"runs": [eval.json, ...]})."""
+    return SWEEPS[claim][2]({label: Row(r["runs"]) for label, r in results.items()})
+
+
+def summary_row(claim: str, verdict: str, note: str = "") -> str:
+    """One row of RESULTS.md's summary of the lecture's claims: the claim, what the lecture
+    says, the verdict's word (holds, partly, contradicted, not shown) and the figures
+    that decide it."""
+    word, _, detail = verdict.partition(": ")
+    says = SWEEPS[claim][0].split(": ", 1)[-1]
+    return f"| {claim} | {says} | {word}{note} | {detail} |"
 
 
 def _pretext(row: Row):

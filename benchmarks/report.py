@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from registry import ROOT, code_hashes  # noqa: E402
 
 RESULTS = ROOT / "results"
-BLOCK = re.compile(r"(<!-- report: ([\w.-]+(?: [\w.-]+)*) -->\n)(.*?)(<!-- /report -->)", re.S)
+BLOCK = re.compile(r"(<!-- report: ([\w.:-]+(?: [\w.:-]+)*) -->\n)(.*?)(<!-- /report -->)", re.S)
 
 
 def render_unseen_videos(data) -> str:
@@ -90,8 +90,54 @@ def answer_curve(records: list[dict]) -> str:
             f"{official_curve.verdict(rows)[0].lower()}{official_curve.verdict(rows)[1:]}")
 
 
+def claims_summary() -> str:
+    """Every claim of the lecture that claims.py measures, one verdict each, from the
+    claim-<name>.json results there are (the rest: not measured yet)."""
+    import claims
+    lines = ["| claim | the lecture says | verdict | what decides it |", "|---|---|---|---|"]
+    for claim in claims.CLAIMS:
+        path = RESULTS / f"claim-{claim}.json"
+        if not path.is_file():
+            lines.append(claims.summary_row(claim, f"not measured yet: `results/{path.name}` missing"))
+            continue
+        record = json.loads(path.read_text())
+        note = " (stale)" if stale_files(record) else ""
+        lines.append(claims.summary_row(claim, claims.verdict_of(claim, record["data"][claim]), note))
+    return "\n".join(lines) + "\n"
+
+
+NEEDS = {"cifar": "CIFAR-10 as JPEGs (`--cifar`)", "davis": "the DAVIS sample (`--davis`)"}
+
+
+def reproduce(steps: list[str]) -> str:
+    """What tables.sh runs, step by step: each result's command, what it needs beyond the
+    repository (a step given as NAME:cifar or NAME:davis), the wall time its provenance line
+    gives, and whether it is up to date. `claims` stands for every claim-<name>.json."""
+    import claims
+    rows, total, unknown = [], 0, False
+    for step in steps:
+        name, _, needs = step.partition(":")
+        group = [f"claim-{c}" for c in claims.SWEEPS] if name == "claims" else [name]
+        records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in group if (RESULTS / f"{n}.json").is_file()]
+        minutes = [int(m.group(1)) for r in records for m in [re.search(r"(\d+) min wall time", r["provenance"])] if m]
+        command = ("`python benchmarks/claims.py --claims ...` (each claim)" if name == "claims" else
+                   f"`{records[0]['command']}`" if records else "its step in `benchmarks/tables.sh`")
+        if len(records) < len(group):
+            state = "not measured yet" if not records else f"{len(group) - len(records)} of {len(group)} not measured yet"
+            unknown = True
+        else:
+            state = "stale" if any(stale_files(r) for r in records) else "up to date"
+        total += sum(minutes)
+        rows.append(f"| {name} | {command} | {NEEDS.get(needs, 'nothing')} | "
+                    f"{f'{sum(minutes)} min' if records else '?'} | {state} |")
+    lines = ["| result | command | needs | time on 2 CPU cores | state |", "|---|---|---|---|---|", *rows, "",
+             f"Total of the times measured: {total / 60:.1f} h{' (steps not measured yet not counted)' if unknown else ''}."]
+    return "\n".join(lines) + "\n"
+
+
 VIEWS = {"seeds": view_seeds}  # a block over several results: <!-- report: seeds name1 name2 ... -->
 SENTENCES = {"answer-curve": answer_curve}  # one sentence from a result, for prose: <!-- report: answer-curve name -->
+SUMMARIES = {"claims-summary": claims_summary}  # a block over whatever results there are: <!-- report: claims-summary -->
 
 
 def _stale_note(records: list[dict]) -> list[str]:
@@ -103,6 +149,10 @@ def _stale_note(records: list[dict]) -> list[str]:
 
 
 def render(spec: str) -> str:
+    if spec in SUMMARIES:
+        return SUMMARIES[spec]()
+    if spec.startswith("reproduce "):
+        return reproduce(spec.split()[1:])
     first = spec.split()[0]
     view, *names = spec.split() if first.split(".")[0] in (*VIEWS, *SENTENCES) else (None, spec)
     view, _, option = (view or "").partition(".")

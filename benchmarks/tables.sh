@@ -13,7 +13,7 @@
 #   --cifar DIR   CIFAR-10 as 32 px JPEGs in the ImageFolder layout: python benchmarks/cifar_jpegs.py
 #                 --data-dir data --download --out data/cifar10-jpg (or extract a copy into data/)
 #   --davis DIR   a DAVIS-layout folder with masks (JPEGImages/480p, Annotations/480p)
-# About 2 h without the claims (about 5 h more) and the official curve (about 4 h for 10 epochs).
+# Each step's time when last measured: README, "Reproduce the results".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cifar="" davis="" curve_epochs=10

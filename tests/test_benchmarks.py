@@ -1,8 +1,10 @@
 """benchmarks/compare.py: runs the methods' own scripts and tabulates their eval.json."""
 import json
 import math
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -139,9 +141,10 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     chroma = {label: [r["pretext_colourfulness"] for r in rs] for label, rs in runs.items()}
     cls, reg = chroma["classification (rebalanced)"], chroma["regression (L2)"]
     spread = abs(cls[0] - cls[1]) / 2 ** 0.5 + abs(reg[0] - reg[1]) / 2 ** 0.5
-    agrees = sum(cls) / 2 - sum(reg) / 2 > spread
+    holds, opposite = sum(cls) / 2 - sum(reg) / 2 > spread, sum(reg) / 2 - sum(cls) / 2 > spread
     verdict = [line for line in text.splitlines() if line.startswith("Measured: ")]
-    assert len(verdict) == 1 and verdict[0].startswith("Measured: agrees" if agrees else "Measured: not shown")
+    word = "holds" if holds else "contradicted" if opposite else "not shown"
+    assert len(verdict) == 1 and verdict[0].startswith(f"Measured: {word}")
     assert (tmp_path / "colorization_loss-classification.png").is_file()
     assert (tmp_path / "colorization_loss-regression.png").is_file()
     claims.main(["--render", "--out", str(tmp_path)])  # rebuilt from results.json alone: the same tables
@@ -179,6 +182,26 @@ def test_claims_need_a_difference_beyond_the_spread_of_the_seeds():
     assert abs(row(0.5, 0.6).mean("gain_knn_top1") - 0.45) < 1e-9
     rows = {"2 angles": row(0.30, 0.31), "4 angles": row(0.40, 0.41), "8 angles": row(0.38, 0.42)}
     assert claims._best(rows, "knn_top1").startswith("none clearly")  # 8 angles' spread reaches 4 angles
+
+
+def test_a_claims_verdict_is_holds_partly_contradicted_or_not_shown():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import claims
+
+    def row(knn, linear):  # two seeds each, 0.01 apart
+        return claims.Row([{"knn_top1": k, "linear_top1": li} for k, li in ((knn, linear), (knn + 0.01, linear + 0.01))])
+
+    def verdict(moco, bank):
+        return claims._negatives({"MoCo: queue + momentum encoder": row(*moco), "memory bank": row(*bank),
+                                  "end-to-end": row(0.3, 0.3)})
+
+    assert verdict((0.5, 0.5), (0.3, 0.3)).startswith("holds: ")
+    assert verdict((0.5, 0.3), (0.3, 0.3)).startswith("partly: ") and "for kNN only" in verdict((0.5, 0.3), (0.3, 0.3))
+    assert "the opposite for linear" in verdict((0.5, 0.3), (0.3, 0.5))
+    assert verdict((0.3, 0.3), (0.5, 0.5)).startswith("contradicted: ")
+    assert verdict((0.3, 0.3), (0.302, 0.3)).startswith("not shown: ")  # within the spread either way
+    summary = claims.summary_row("moco_negatives", verdict((0.3, 0.3), (0.5, 0.5)))
+    assert summary.startswith("| moco_negatives | ") and "| contradicted |" in summary
 
 
 def test_profile_rows_are_what_the_step_spends_outside_its_networks():
@@ -485,3 +508,47 @@ def test_report_answers_the_curve_question_in_one_sentence(tmp_path, monkeypatch
     assert out == ("<!-- report: answer-curve curve -->\nDoes moco.py follow the official MoCo CIFAR-10 demo? Run to "
                    "epoch 5 of the demo's 200, kNN on the head output as the demo measures it: at epoch 5 on the "
                    "demo's curve (38.50 against its log's 37.95, +0.55; the band: 2 points).\n<!-- /report -->\n")
+
+
+def test_report_reproduce_lists_each_step_of_tables_sh_with_its_time_and_state(tmp_path, monkeypatch):
+    """README's "Reproduce the results" names every result tables.sh writes, no other; a
+    measured step shows its command, its provenance's wall time and whether it is stale."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    script = (ROOT / "benchmarks" / "tables.sh").read_text()
+    written = {n.replace("$seed", s) for n in re.findall(r"results/([a-z0-9$-]+)\.json", script)
+               for s in (("0", "1", "2") if "$seed" in n else ("",))}
+    assert "--results results" in script  # the claims: one claim-<name>.json each
+    spec = re.search(r"<!-- report: reproduce (.+?) -->", (ROOT / "README.md").read_text()).group(1).split()
+    assert {s.split(":")[0] for s in spec} == written | {"claims"}
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    record = registry.save_result(tmp_path / "davis.json", "compare", "python benchmarks/compare.py --davis-dir D",
+                                  ["common.py"], {"options": {}, "rows": []}, time.time() - 600)
+    out = report.reproduce(["davis:davis", "cifar10:cifar"])
+    assert "| davis | `python benchmarks/compare.py --davis-dir D` | the DAVIS sample (`--davis`) | 10 min | up to date |" in out
+    assert "| cifar10 | its step in `benchmarks/tables.sh` | CIFAR-10 as JPEGs (`--cifar`) | ? | not measured yet |" in out
+    assert "Total of the times measured: 0.2 h (steps not measured yet not counted)." in out
+    record["code"]["common.py"] = "0" * 64
+    (tmp_path / "davis.json").write_text(json.dumps(record))
+    assert "| 10 min | stale |" in report.reproduce(["davis:davis"])
+
+
+def test_report_claims_summary_gives_each_claim_its_verdict(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import claims
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+
+    def runs(colourfulness):
+        return [{"pretext_colourfulness": c, "knn_top1": 0.3, "random_knn_top1": 0.1} for c in colourfulness]
+
+    data = {"colorization_loss": {"classification (rebalanced)": {"runs": runs((0.80, 0.82)), "command": "a"},
+                                  "regression (L2)": {"runs": runs((0.45, 0.46)), "command": "b"}}}
+    registry.save_result(tmp_path / "claim-colorization_loss.json", "claim", "c", ["common.py"], data, 0.0)
+    out = report.render("claims-summary")
+    rows = out.splitlines()[2:]
+    assert len(rows) == len(claims.CLAIMS)
+    assert [r for r in rows if r.startswith("| colorization_loss |")][0].split(" | ")[2] == "holds"
+    assert all("not measured yet" in r for r in rows if not r.startswith("| colorization_loss |"))

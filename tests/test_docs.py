@@ -76,3 +76,24 @@ def test_every_relative_link_points_at_a_file():
     broken = [(p.name, target) for p, text in _texts() if p.suffix == ".md" for target in link.findall(text)
               if "://" not in target and not (p.parent / target).exists()]
     assert not broken, broken
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_to_a_section_names_a_heading_there():
+    link = re.compile(r"\]\(([^)#\s]*)#([^)\s]+)\)")
+    broken = []
+    for p, text in _texts():
+        if p.suffix != ".md":
+            continue
+        for target, anchor in link.findall(text):
+            page = (p.parent / target) if target else p
+            if page.suffix != ".md" or not page.is_file():
+                continue
+            headings = {_slug(h) for h in re.findall(r"^#+ (.+)$", page.read_text(), re.M)}
+            if anchor not in headings:
+                broken.append((p.name, f"{target}#{anchor}"))
+    assert not broken, broken
