@@ -8,7 +8,7 @@ target is soft-encoded over its 5 nearest bins, the cross-entropy is
 rebalanced so rare, saturated colours are not washed out, and the image is
 decoded with the "annealed mean" of the predicted distribution.
 
-    python colorization.py                            # built-in shapes, ~2 min on 2 CPU cores; grid.png in the run folder
+    python colorization.py                            # built-in shapes; grid.png in the run folder
     python colorization.py --loss regression          # plain L2 on ab: compare the grids (paper Fig. 3)
     python colorization.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
 

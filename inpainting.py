@@ -10,7 +10,7 @@ L = lambda_rec * L_rec + lambda_adv * L_adv with 0.999 and 0.001. The paper
 learned the features it evaluates with L_rec alone and random-region holes
 (`--adv-weight 0`, with the default holes); the default keeps the lecture's loss.
 
-    python inpainting.py                              # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
+    python inpainting.py                              # built-in shapes; grid.png in the run folder
     python inpainting.py --adv-weight 0               # reconstruction only: compare the grids (the lecture's claim)
     python inpainting.py --mask center                # or blocks: the paper's other two kinds of hole
     python inpainting.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5

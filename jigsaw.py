@@ -12,7 +12,7 @@ tile order and classified. Shortcuts closed as the paper: the gap, each tile
 normalised on its own, and against chromatic aberration each colour channel of
 a tile moved by up to 2 px, and 30% of the images in greyscale.
 
-    python jigsaw.py                                  # built-in shapes at 64 px, 100 permutations, ~1 min on 2 CPU cores
+    python jigsaw.py                                  # built-in shapes at 64 px, 100 permutations
     python jigsaw.py --num-perms 1000                 # the paper's main setting
     python jigsaw.py --perm-rule minimum              # ours: the largest minimum distance first
     python jigsaw.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 1   # CIFAR-10 upsampled to 64 px

@@ -12,7 +12,7 @@ away), and chromatic aberration, closed by colour dropping (the released
 code's) or by projecting out green-magenta. The released code also normalises
 each patch on its own and downsamples a third of them at random; so does this.
 
-    python patch_location.py                          # built-in shapes at 80 px, ~2 min on 2 CPU cores
+    python patch_location.py                          # built-in shapes at 80 px
     python patch_location.py --chroma project         # the paper's other remedy (or none)
     python patch_location.py --gap 0 --jitter 0 --downsample 0   # without the gap, the jitter and the downsampling
     python patch_location.py --dataset folder --data-dir /tmp/cifar10-jpg --image-size 40 --patch 8 --gap 4 --jitter 1

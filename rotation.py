@@ -7,7 +7,7 @@ which rotation was applied (4-way cross-entropy). To tell "up" the network
 must recognise objects and where their parts are. Afterwards only the ConvNet
 (the backbone) is kept, and the rotation head is thrown away.
 
-    python rotation.py                                  # built-in shapes, ~3 min on 2 CPU cores
+    python rotation.py                                  # built-in shapes
     python rotation.py --angles 8                       # the paper's 2 / 4 / 8 angle comparison
     python rotation.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
     torchrun --nproc_per_node=2 rotation.py --dataset cifar10 --backbone resnet18 --epochs 100

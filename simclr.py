@@ -8,7 +8,7 @@ of Visual Representations", ICML 2020. The lecture's four steps:
   4. NT-Xent: each view must pick out its partner among the other 2N - 1 views
      by cosine similarity / temperature. Downstream uses h, not z.
 
-    python simclr.py                                  # built-in shapes, ~1 min on 2 CPU cores
+    python simclr.py                                  # built-in shapes
     python simclr.py --augment crop                   # ablation: crop alone (also color, crop,color, all)
     python simclr.py --no-proj-bn                     # g as the paper's text: a plain MLP
     python simclr.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10

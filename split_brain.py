@@ -10,7 +10,7 @@ over its nearest bins (the paper found classification better than regression,
 Table 2). The representation is the concatenation of both halves' features on
 the full Lab image.
 
-    python split_brain.py                             # built-in shapes, ~3 min on 2 CPU cores; grid.png in the run folder
+    python split_brain.py                             # built-in shapes; grid.png in the run folder
     python split_brain.py --loss regression           # L2 losses instead, the paper's comparison
     python split_brain.py --halves full --turn-hues --epochs 15   # ours: whole-network halves, turned hues for F2
     python split_brain.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5

@@ -1,7 +1,7 @@
 """The lecture's question in numbers: every method on the same data, backbone and budget,
 evaluated with the common protocol, in one markdown table.
 
-    python benchmarks/compare.py                          # built-in data, each method's default budget (~25 min, 2 CPU cores)
+    python benchmarks/compare.py                          # built-in data, each method's default budget
     python benchmarks/compare.py --methods rotation simclr --epochs 1
     python benchmarks/compare.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 2 \\
         --davis-dir ../shared/data/davis2016-sample --out runs/compare-cifar

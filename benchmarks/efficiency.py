@@ -1,6 +1,6 @@
 """Where the time goes: each method's training step against the networks it trains.
 
-    python benchmarks/efficiency.py                      # all nine methods, built-in data (~10 min on 2 CPU cores)
+    python benchmarks/efficiency.py                      # all nine methods, built-in data
     python benchmarks/efficiency.py --methods moco colorization --repeats 5
     python benchmarks/efficiency.py --device cuda --backbone resnet18   # on a GPU (bf16, channels_last as the methods)
     python benchmarks/efficiency.py --methods colorization --profile    # and where a step's time goes, by operator
