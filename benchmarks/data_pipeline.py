@@ -1,7 +1,7 @@
 """Training images per second of the project's image-folder pipeline against torchvision's
 standard one, on the same folder, with the same output and the same DataLoader workers.
 
-    python benchmarks/data_pipeline.py --data-dir /tmp/davisfolder          # any ImageNet-style folder
+    python benchmarks/data_pipeline.py --data-dir DAVIS_DIR/JPEGImages/480p   # any folder --dataset folder reads
     python benchmarks/data_pipeline.py --data-dir DIR --size 224 --workers 8 --device cuda
 
 Every pipeline turns the folder's training images into batches of --size px training
@@ -19,7 +19,8 @@ crops (RandomResizedCrop, scale 0.08 to 1, and a horizontal flip), float in [0, 
                 torchvision.io, PIL) alone, in this process, on the same files
 
 Output: one markdown table, images/s and the ratio to torchvision's pipeline; the decoder
-common.read_image takes here is named under it.
+common.read_image takes here is named under it. --result FILE keeps the raw figures
+(benchmarks/report.py renders them into the docs).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from registry import provenance  # noqa: E402
+from registry import provenance, save_result  # noqa: E402
 
 
 def _timed(batches, device, passes: int) -> float:
@@ -117,6 +118,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes, the same for both pipelines")
     p.add_argument("--passes", type=int, default=3, help="passes over the training images for each timing")
     p.add_argument("--device", default="cpu", help="where the batches go (and our crops happen): cpu | cuda")
+    p.add_argument("--result", help="also keep the raw figures here (results/<name>.json, for benchmarks/report.py)")
     a = p.parse_args(argv)
     warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice about TorchCodec
     device = common.pick_device(a.device)
@@ -133,15 +135,25 @@ def main(argv=None):
     rows.append(("ours, memory: every later epoch, batched crops only", _timed(memory, device, a.passes)))
     for name, rate in decoding_rates(train):
         rows.append((f"decoding alone, one process: {name}", rate))
-    lines = [f"{len(train)} training images of {a.data_dir}, {a.size} px crops, batch {a.batch_size}, "
-             f"{a.workers} workers, device {device}, {a.passes} passes.", "",
+    data = {"images": len(train), "data_dir": a.data_dir, "size": a.size, "batch_size": a.batch_size,
+            "workers": a.workers, "device": str(device), "passes": a.passes, "decoder": common.jpeg_decoder(),
+            "rows": [list(row) for row in rows]}
+    print(table(data) + "\n" + provenance(started), flush=True)
+    if a.result:
+        given = "python benchmarks/data_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        save_result(a.result, "data_pipeline", given, ["common.py", "benchmarks/data_pipeline.py"], data, started)
+    return rows
+
+
+def table(data: dict) -> str:
+    """The markdown table of one run (its raw figures as --result keeps them)."""
+    reference = data["rows"][0][1]
+    lines = [f"{data['images']} training images of {data['data_dir']}, {data['size']} px crops, batch "
+             f"{data['batch_size']}, {data['workers']} workers, device {data['device']}, {data['passes']} passes.", "",
              "| pipeline | images/s | ratio to torchvision |", "|---|---|---|"]
     lines += [f"| {name} | {rate:.0f} | {rate / reference:.2f} |" if rate is not None else f"| {name} | not installed | |"
-              for name, rate in rows]
-    lines += ["", f"common.read_image decodes JPEG and PNG with {common.jpeg_decoder()} here.", "",
-              provenance(started)]
-    print("\n".join(lines), flush=True)
-    return rows
+              for name, rate in data["rows"]]
+    return "\n".join(lines + ["", f"common.read_image decodes JPEG and PNG with {data['decoder']} here."]) + "\n"
 
 
 if __name__ == "__main__":

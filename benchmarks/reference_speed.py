@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from registry import ROOT, provenance  # noqa: E402
+from registry import ROOT, provenance, save_result  # noqa: E402
 
 WARM = 5  # steps before the timed ones: allocations, caches and the loader's first batches
 BATCH = 128
@@ -311,7 +311,8 @@ def main(argv=None):
                    help="data loader processes: each setting for both sides; the ratio takes each side's best")
     p.add_argument("--out", default="runs/reference-speed.md")
     p.add_argument("--reference", choices=tuple(PAIRS), help=argparse.SUPPRESS)  # internal: run one reference here
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--result", help="also keep the raw figures here (results/<name>.json, for benchmarks/report.py)")
+    p.add_argument("--reference-result", help=argparse.SUPPRESS)  # internal: where a reference run writes its figures
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     data_dir = Path(a.data_dir).resolve()
@@ -328,8 +329,8 @@ def main(argv=None):
     if a.reference:
         pair = PAIRS[a.reference]
         result = pair["run"](Path(getattr(a, pair["option"])).resolve(), data_dir, a.steps, a.workers[0], a.seed,
-                             Path(a.result).parent)
-        Path(a.result).write_text(json.dumps(result))
+                             Path(a.reference_result).parent)
+        Path(a.reference_result).write_text(json.dumps(result))
         return
 
     rows, started = [], time.time()
@@ -351,7 +352,17 @@ def main(argv=None):
                     print(f"{side:20s} --workers {workers} repeat {repeat}: {rows[-1]['images_per_s']:.1f} images/s, "
                           f"{rows[-1]['ms_per_step']:.0f} ms/step, loss (last 10 steps) "
                           f"{rows[-1]['loss_last10']:.3f}", flush=True)
-    write_table(rows, a, Path(a.out), started)
+    data = {"data_dir": a.data_dir, "steps": a.steps, "repeats": a.repeats, "threads": torch.get_num_threads(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "rows": rows}
+    text = table(data) + "\n" + provenance(started) + "\n"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(text)
+    if a.result:
+        given = "python benchmarks/reference_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        code = sorted({PAIRS[n]["ours"] + ".py" for n in pairs}) + ["common.py", "benchmarks/reference_speed.py"]
+        save_result(a.result, "reference_speed", given, code, data, started)
+    return text
 
 
 def run_reference(name: str, path: Path, data_dir: Path, a, repeat: int, workers: int, tmp: Path) -> dict:
@@ -359,7 +370,7 @@ def run_reference(name: str, path: Path, data_dir: Path, a, repeat: int, workers
     option = "--" + PAIRS[name]["option"].replace("_", "-")
     command = [sys.executable, __file__, "--reference", name, option, str(path), "--data-dir", str(data_dir),
                "--steps", str(a.steps), "--workers", str(workers), "--seed", str(repeat),
-               "--result", str(tmp / "result.json")]
+               "--reference-result", str(tmp / "result.json")]
     with open(tmp / "reference.log", "w") as log:  # the demo prints its arguments and model
         if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
             lines = (tmp / "reference.log").read_text().strip().splitlines()
@@ -367,15 +378,17 @@ def run_reference(name: str, path: Path, data_dir: Path, a, repeat: int, workers
     return json.loads((tmp / "result.json").read_text())
 
 
-def write_table(rows: list[dict], a, out: Path, started: float | None = None) -> str:
+def table(data: dict) -> str:
     """Every side at every --workers setting (medians over the repeats), then each pair's
     ratio of the best setting of ours to the best setting of the reference."""
+    rows = data["rows"]
+
     def median(side, workers, key):
         return statistics.median(r[key] for r in rows if r["side"] == side and r["workers"] == workers)
 
-    lines = [f"On {a.data_dir}: ResNet-18 (CIFAR stem), batch {BATCH}, {a.steps} steps (the first {WARM} not "
-             f"timed), device {'cuda' if torch.cuda.is_available() else 'cpu'}, {torch.get_num_threads()} threads; "
-             f"{a.repeats} run(s) a side and setting, alternating.", "",
+    lines = [f"On {data['data_dir']}: ResNet-18 (CIFAR stem), batch {BATCH}, {data['steps']} steps (the first {WARM} "
+             f"not timed), device {data['device']}, {data['threads']} threads; {data['repeats']} run(s) a side and "
+             f"setting, alternating.", "",
              "| code | --workers | images/s (median) | ms/step | loss, last 10 steps | runs (images/s) |",
              "|---|---|---|---|---|---|"]
     ratios = []
@@ -393,14 +406,7 @@ def write_table(rows: list[dict], a, out: Path, started: float | None = None) ->
         (ours, w_ours), (theirs, w_theirs) = best[sides[0]], best[sides[1]]
         ratios.append(f"{sides[0]} at its best ({ours:.1f} images/s, --workers {w_ours}) against {sides[1]} at its "
                       f"best ({theirs:.1f}, --workers {w_theirs}): {ours / theirs:.2f}x.")
-    lines += ["", *ratios]
-    if started is not None:
-        lines += ["", provenance(started)]
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
-    return text
+    return "\n".join(lines + ["", *ratios]) + "\n"
 
 
 if __name__ == "__main__":

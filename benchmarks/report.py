@@ -53,12 +53,22 @@ def render_claim(data) -> str:
     return claims.render(data)
 
 
+def render_data_pipeline(data) -> str:
+    import data_pipeline
+    return data_pipeline.table(data)
+
+
+def render_reference_speed(data) -> str:
+    import reference_speed
+    return reference_speed.table(data)
+
+
 def render_efficiency(data) -> str:
     import efficiency
     return efficiency.table(data)
 
 
-RENDER = {"efficiency": render_efficiency, "unseen_videos": render_unseen_videos, "official_curve": render_official_curve, "compare": render_compare,
+RENDER = {"data_pipeline": render_data_pipeline, "reference_speed": render_reference_speed, "efficiency": render_efficiency, "unseen_videos": render_unseen_videos, "official_curve": render_official_curve, "compare": render_compare,
           "claim": render_claim}
 
 
@@ -106,12 +116,13 @@ def claims_summary() -> str:
     return "\n".join(lines) + "\n"
 
 
-NEEDS = {"cifar": "CIFAR-10 as JPEGs (`--cifar`)", "davis": "the DAVIS sample (`--davis`)"}
+NEEDS = {"cifar": "CIFAR-10 as JPEGs (`--cifar`)", "davis": "the DAVIS sample (`--davis`)",
+         "reference": "CIFAR-10 as JPEGs and the reference code (`--cifar`, `--moco-demo`, `--simclr-repo`)"}
 
 
 def reproduce(steps: list[str]) -> str:
     """What tables.sh runs, step by step: each result's command, what it needs beyond the
-    repository (a step given as NAME:cifar or NAME:davis), the wall time its provenance line
+    repository (a step given as NAME:cifar, NAME:davis or NAME:reference), the wall time its provenance line
     gives, and whether it is up to date. `claims` stands for every claim-<name>.json."""
     import claims
     rows, total, unknown = [], 0, False

@@ -13,16 +13,22 @@
 #   --cifar DIR   CIFAR-10 as 32 px JPEGs in the ImageFolder layout: python benchmarks/cifar_jpegs.py
 #                 --data-dir data --download --out data/cifar10-jpg (or extract a copy into data/)
 #   --davis DIR   a DAVIS-layout folder with masks (JPEGImages/480p, Annotations/480p)
+#   --moco-demo FILE    the MoCo CIFAR-10 demo's notebook: git clone https://github.com/facebookresearch/moco
+#                       and git -C moco checkout f736491 (the last commit with colab/): moco/colab/moco_cifar10_demo.ipynb
+#   --simclr-repo DIR   git clone https://github.com/p3i0t/SimCLR-CIFAR10 and git -C SimCLR-CIFAR10 checkout 2f449c2
 # Each step's time when last measured: README, "Reproduce the results".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cifar="" davis="" curve_epochs=10
+cifar="" davis="" moco_demo="" simclr_repo="" curve_epochs=10
 while [ $# -gt 0 ]; do
   case "$1" in
     --cifar) cifar=$2; shift 2 ;;
     --davis) davis=$2; shift 2 ;;
+    --moco-demo) moco_demo=$2; shift 2 ;;
+    --simclr-repo) simclr_repo=$2; shift 2 ;;
     --curve-epochs) curve_epochs=$2; shift 2 ;;
-    *) echo "error: unknown option $1 (--cifar DIR, --davis DIR, --curve-epochs N)" >&2; exit 2 ;;
+    *) echo "error: unknown option $1 (--cifar DIR, --davis DIR, --moco-demo FILE, --simclr-repo DIR, --curve-epochs N)" >&2
+       exit 2 ;;
   esac
 done
 runs=runs/tables
@@ -66,8 +72,18 @@ if [ -n "$davis" ]; then
     --epochs 30 --extra "--crop 64" --out "$runs/davis" --result results/davis.json
   step unseen-videos -- python benchmarks/unseen_videos.py --davis-dir "$davis" --out "$runs/unseen-videos" \
     --result results/unseen-videos.json
+  for size in 224 64; do
+    step "data-pipeline-$size" -- python benchmarks/data_pipeline.py --data-dir "$davis/JPEGImages/480p" --size "$size" \
+      --workers 2 --passes 4 --result "results/data-pipeline-$size.json"
+  done
 else
-  echo "[tables] davis, unseen-videos: skipped (no --davis DIR)"
+  echo "[tables] davis, unseen-videos, data-pipeline-224, data-pipeline-64: skipped (no --davis DIR)"
+fi
+if [ -n "$cifar" ] && [ -n "$moco_demo" ] && [ -n "$simclr_repo" ]; then
+  step reference-speed -- python benchmarks/reference_speed.py --data-dir "$cifar" --repeats 1 --moco-demo "$moco_demo" \
+    --simclr-repo "$simclr_repo" --out "$runs/reference-speed.md" --result results/reference-speed.json
+else
+  echo "[tables] reference-speed: skipped (needs --cifar DIR, --moco-demo FILE and --simclr-repo DIR)"
 fi
 claims=$(python -c "import sys; sys.path.insert(0, 'benchmarks'); import claims; print(' '.join(claims.SWEEPS))")
 stale=()

@@ -406,19 +406,35 @@ def test_official_curve_measures_a_moco_checkpoint_with_the_demos_monitor(tiny_f
 
 def test_reference_speed_compares_each_sides_best_loader_setting(tmp_path):
     """Every --workers setting of each side is in the table; the ratio is best against best."""
-    from types import SimpleNamespace
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import reference_speed as rs
     rows = [{"pair": "moco", "side": side, "workers": w, "repeat": 0, "images_per_s": speed, "ms_per_step": 1000.0,
              "loss_last10": 5.0}
             for side, speeds in (("moco.py", (49.3, 44.0, 43.4)), ("MoCo CIFAR-10 demo", (40.3, 36.0, 32.8)))
             for w, speed in zip((0, 1, 2), speeds)]
-    a = SimpleNamespace(data_dir="/tmp/cifar10-jpg", steps=45, repeats=1)
-    text = rs.write_table(rows, a, tmp_path / "t.md")
+    data = {"data_dir": "data/cifar10-jpg", "steps": 45, "repeats": 1, "threads": 2, "device": "cpu", "rows": rows}
+    text = rs.table(data)
+    import report
+    assert report.RENDER["reference_speed"](data) == text  # what --result keeps renders as the same table
     assert text.count("\n| moco.py |") == 3 and text.count("\n| MoCo CIFAR-10 demo |") == 3
     assert "| MoCo CIFAR-10 demo | 2 | 32.8 |" in text
     assert ("moco.py at its best (49.3 images/s, --workers 0) against MoCo CIFAR-10 demo at its best (40.3, "
             "--workers 0): 1.22x.") in text
+
+
+def test_data_pipeline_keeps_its_raw_figures_and_they_render_as_printed(tiny_folder, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import data_pipeline
+    import report
+    rows = data_pipeline.main(["--data-dir", str(tiny_folder), "--size", "32", "--batch-size", "16", "--workers", "0",
+                               "--passes", "1", "--result", str(tmp_path / "pipeline.json")])
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "pipeline.json").read_text())
+    assert record["kind"] == "data_pipeline" and record["command"].startswith("python benchmarks/data_pipeline.py --data-dir")
+    assert [name for name, _ in rows] == [name for name, _ in record["data"]["rows"]]
+    rendered = report.RENDER["data_pipeline"](record["data"])
+    assert rendered + "\n" + record["provenance"] in printed
+    assert "| torchvision: ImageFolder + transforms.v2, in the workers |" in rendered and "| 1.00 |" in rendered
 
 
 def test_plot_summarises_the_seeds_with_their_provenance(tmp_path):
@@ -517,8 +533,12 @@ def test_report_reproduce_lists_each_step_of_tables_sh_with_its_time_and_state(t
     import registry
     import report
     script = (ROOT / "benchmarks" / "tables.sh").read_text()
-    written = {n.replace("$seed", s) for n in re.findall(r"results/([a-z0-9$-]+)\.json", script)
-               for s in (("0", "1", "2") if "$seed" in n else ("",))}
+    loops = {f"${var}": values.split() for var, values in re.findall(r"for (\w+) in ([\w ]+); do", script)}
+    assert loops == {"$seed": ["0", "1", "2"], "$size": ["224", "64"]}
+    written = set()
+    for name in re.findall(r"results/([a-z0-9$-]+)\.json", script):
+        var = next((v for v in loops if v in name), None)
+        written |= {name.replace(var, value) for value in loops[var]} if var else {name}
     assert "--results results" in script  # the claims: one claim-<name>.json each
     spec = re.search(r"<!-- report: reproduce (.+?) -->", (ROOT / "README.md").read_text()).group(1).split()
     assert {s.split(":")[0] for s in spec} == written | {"claims"}
