@@ -677,7 +677,8 @@ def _scan_folder(root: Path):
     samples, empty = [], []
     for k, name in enumerate(classes):
         found = [(str(p), k) for p in sorted((root / name).rglob("*"))
-                 if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.parts)]
+                 if p.suffix.lower() in IMAGE_EXTENSIONS
+                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]  # not root's own "../"
         samples += found
         if not found:
             empty.append(name)

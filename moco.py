@@ -8,7 +8,7 @@ negatives, not limited by the batch) and a **momentum key encoder** f_k, a
 slowly moving copy of the query encoder f_q, so that keys in the queue stay
 consistent. The training loop below follows the paper's Algorithm 1 line by line.
 
-    python moco.py                                    # built-in shapes, ~3 min on 2 CPU cores
+    python moco.py                                    # built-in shapes
     python moco.py --mlp --blur --temperature 0.2     # MoCo v2 (cosine schedule is the default)
     python moco.py --schedule step --temperature 0.07 --momentum 0.999 --augmentation v1   # closer to MoCo v1
     python moco.py --negatives memory-bank            # or end-to-end: the paper's other two dictionaries (Fig. 3)

@@ -56,6 +56,17 @@ def test_one_folder_is_split_90_10_and_says_so(tmp_path, capsys):
         in capsys.readouterr().out
 
 
+def test_a_folder_named_through_dot_dot_is_read_and_hidden_folders_inside_it_are_not(tmp_path, monkeypatch):
+    """--data-dir ../data: the "../" is the user's path, not a hidden folder of the data;
+    .ipynb_checkpoints inside a class folder is one."""
+    root = _folder(tmp_path / "data", {"cat": 10, "dog": 10, "dog/.ipynb_checkpoints": 3})
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    classes, train, test, _ = common.folder_splits(Path("../data"))
+    assert classes == ["cat", "dog"] and len(train) + len(test) == 20
+    assert not any(".ipynb_checkpoints" in p for p, _ in train + test)
+
+
 @pytest.mark.parametrize("layout, needle", [
     ({"train/cat": 2, "train/dog": 2}, "has a train/ folder but no val/ or test/ beside it"),
     ({"val/cat": 2, "cat": 2}, "has a val/ folder but no train/ beside it"),
