@@ -6,7 +6,7 @@ their own data can leave it out.
 
     python builtin_data.py preview --out docs     # save sample grids of the images and videos
     python builtin_data.py shortcut               # how far colour gives lightness away, pixel by pixel
-    python builtin_data.py shortcut --folder /tmp/cifar10-jpg/train   # the same for photos
+    python builtin_data.py shortcut --folder data/cifar10-jpg/train   # the same for photos
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ decoded with the "annealed mean" of the predicted distribution.
 
     python colorization.py                            # built-in shapes; grid.png in the run folder
     python colorization.py --loss regression          # plain L2 on ab: compare the grids (paper Fig. 3)
-    python colorization.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
+    python colorization.py --dataset folder --data-dir data/cifar10-jpg --epochs 5
 
 Departures from the paper (docs/colorization.md, with their measured effects):
 - 261 ab bins, computed from the sRGB gamut, where the paper has 313 from its data.

@@ -13,7 +13,7 @@ learned the features it evaluates with L_rec alone and random-region holes
     python inpainting.py                              # built-in shapes; grid.png in the run folder
     python inpainting.py --adv-weight 0               # reconstruction only: compare the grids (the lecture's claim)
     python inpainting.py --mask center                # or blocks: the paper's other two kinds of hole
-    python inpainting.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
+    python inpainting.py --dataset folder --data-dir data/cifar10-jpg --epochs 5
 
 Departures from the paper (docs/inpainting.md, with their measured effects):
 - The loss: 0.999 L_rec + 0.001 L_adv by default, the lecture's and the paper's loss for

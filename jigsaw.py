@@ -15,7 +15,7 @@ a tile moved by up to 2 px, and 30% of the images in greyscale.
     python jigsaw.py                                  # built-in shapes at 64 px, 100 permutations
     python jigsaw.py --num-perms 1000                 # the paper's main setting
     python jigsaw.py --perm-rule minimum              # ours: the largest minimum distance first
-    python jigsaw.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 1   # CIFAR-10 upsampled to 64 px
+    python jigsaw.py --dataset folder --data-dir data/cifar10-jpg --epochs 1   # CIFAR-10 upsampled to 64 px
 
 Departures from the paper (docs/jigsaw.md, with their measured effects):
 - Tiles of 14 px in 21 px cells at 64 px, where the paper's proportion (64 px in 75 px

@@ -12,7 +12,7 @@ consistent. The training loop below follows the paper's Algorithm 1 line by line
     python moco.py --mlp --blur --temperature 0.2     # MoCo v2 (cosine schedule is the default)
     python moco.py --schedule step --temperature 0.07 --momentum 0.999 --augmentation v1   # closer to MoCo v1
     python moco.py --negatives memory-bank            # or end-to-end: the paper's other two dictionaries (Fig. 3)
-    python moco.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
+    python moco.py --dataset folder --data-dir data/cifar10-jpg --epochs 10
     # the MoCo CIFAR-10 demo's setting (about 82.6% kNN after 200 epochs, ResNet-18):
     python moco.py --dataset cifar10 --data-dir data --backbone resnet18 --epochs 200 --batch-size 512 --lr 0.06 \\
         --min-crop 0.08 --workers 8

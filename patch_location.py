@@ -15,7 +15,7 @@ each patch on its own and downsamples a third of them at random; so does this.
     python patch_location.py                          # built-in shapes at 80 px
     python patch_location.py --chroma project         # the paper's other remedy (or none)
     python patch_location.py --gap 0 --jitter 0 --downsample 0   # without the gap, the jitter and the downsampling
-    python patch_location.py --dataset folder --data-dir /tmp/cifar10-jpg --image-size 40 --patch 8 --gap 4 --jitter 1
+    python patch_location.py --dataset folder --data-dir data/cifar10-jpg --image-size 40 --patch 8 --gap 4 --jitter 1
 
 Departures from the paper (docs/patch_location.md, with their measured effects):
 - Scaled down: 16 px patches in 80 px images (the paper: 96 px patches in images of

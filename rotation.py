@@ -9,7 +9,7 @@ must recognise objects and where their parts are. Afterwards only the ConvNet
 
     python rotation.py                                  # built-in shapes
     python rotation.py --angles 8                       # the paper's 2 / 4 / 8 angle comparison
-    python rotation.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
+    python rotation.py --dataset folder --data-dir data/cifar10-jpg --epochs 10
     torchrun --nproc_per_node=2 rotation.py --dataset cifar10 --backbone resnet18 --epochs 100
     python rotation.py --resume runs/rotation-20260101-120000   # continue a stopped run
 

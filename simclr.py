@@ -11,7 +11,7 @@ of Visual Representations", ICML 2020. The lecture's four steps:
     python simclr.py                                  # built-in shapes
     python simclr.py --augment crop                   # ablation: crop alone (also color, crop,color, all)
     python simclr.py --no-proj-bn                     # g as the paper's text: a plain MLP
-    python simclr.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 10
+    python simclr.py --dataset folder --data-dir data/cifar10-jpg --epochs 10
     # CIFAR-10 on 4 GPUs, paper settings (negatives are gathered from all 4 processes):
     torchrun --nproc_per_node=4 simclr.py --dataset cifar10 --backbone resnet18 --batch-size 128 \\
         --epochs 200 --lr 0.5 --temperature 0.5 --min-crop 0.08 --workers 8

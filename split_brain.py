@@ -13,7 +13,7 @@ the full Lab image.
     python split_brain.py                             # built-in shapes; grid.png in the run folder
     python split_brain.py --loss regression           # L2 losses instead, the paper's comparison
     python split_brain.py --halves full --turn-hues --epochs 15   # ours: whole-network halves, turned hues for F2
-    python split_brain.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 5
+    python split_brain.py --dataset folder --data-dir data/cifar10-jpg --epochs 5
 
 Departures from the paper (docs/split_brain.md, with their measured effects):
 - No class rebalancing in either half: the paper's split-brain section defines the loss

@@ -2,8 +2,8 @@
 train/<class>/NNNN.jpg (5,000 a class) and test/<class>/NNNN.jpg (1,000 a class), 32 px,
 JPEG quality 75, from torchvision's CIFAR-10.
 
-    python benchmarks/cifar_jpegs.py --data-dir data --download --out /tmp/cifar10-jpg
-    python benchmarks/compare.py --dataset folder --data-dir /tmp/cifar10-jpg --epochs 3 --out runs/compare-cifar
+    python benchmarks/cifar_jpegs.py --data-dir data --download --out data/cifar10-jpg
+    python benchmarks/compare.py --dataset folder --data-dir data/cifar10-jpg --epochs 3 --out runs/compare-cifar
 
 The images are numbered by their order in torchvision's arrays, within each class. Another
 JPEG encoder (another Pillow) may differ in the last bits of a few pixels, so figures on

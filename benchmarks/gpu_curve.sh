@@ -2,7 +2,7 @@
 # On a GPU machine: moco.py on the official MoCo CIFAR-10 demo's curve, for as many epochs as
 # fit in about 8 minutes (benchmarks/official_curve.py; the table goes to $OUT/curve.md).
 # Needs CIFAR-10 as JPEGs: $CIFAR if given, else ../shared/data/cifar10-jpg.tar.gz unpacked
-# into /tmp (the machine needs no internet).
+# into data/ (the machine needs no internet).
 #
 #   bash benchmarks/gpu_curve.sh
 #   MINUTES=20 CIFAR=/data/cifar10-jpg OUT=runs/curve-gpu bash benchmarks/gpu_curve.sh
@@ -18,8 +18,9 @@ cifar=${CIFAR:-}
 if [ -z "$cifar" ]; then
   tarball=../shared/data/cifar10-jpg.tar.gz
   [ -f "$tarball" ] || { echo "error: no CIFAR=... folder and no $tarball" >&2; exit 2; }
-  [ -d /tmp/cifar10-jpg/train ] || tar xzf "$tarball" -C /tmp
-  cifar=/tmp/cifar10-jpg
+  mkdir -p data
+  [ -d data/cifar10-jpg/train ] || tar xzf "$tarball" -C data
+  cifar=data/cifar10-jpg
 fi
 python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "error: no CUDA GPU here (torch.cuda.is_available() is False); this check is for a GPU machine" >&2

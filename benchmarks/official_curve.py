@@ -1,9 +1,9 @@
 """moco.py on the official MoCo CIFAR-10 demo's curve: kNN accuracy epoch by epoch, measured
 as the demo measures it, beside the demo's own log.
 
-    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 1 --out runs/official-curve
-    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 30 --minutes 8 --device cuda --out runs/curve-gpu
-    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 10 --out runs/official-curve --resume
+    python benchmarks/official_curve.py --data-dir data/cifar10-jpg --epochs 1 --out runs/official-curve
+    python benchmarks/official_curve.py --data-dir data/cifar10-jpg --epochs 30 --minutes 8 --device cuda --out runs/curve-gpu
+    python benchmarks/official_curve.py --data-dir data/cifar10-jpg --epochs 10 --out runs/official-curve --resume
         # continues a stopped curve: the epochs measured are kept (curve.json, written as each ends),
         # moco.py goes on from its last checkpoint (--save-every minutes inside an epoch)
 
@@ -28,8 +28,8 @@ beside its log. Its cells are executed as they are, with reference_speed.py's st
 --workers loader processes); the epochs are driven as its training loop does (its
 optimizer line, then train() and test() per epoch of its 200-epoch schedule).
 
-    python benchmarks/official_curve.py --data-dir /tmp/cifar10-jpg --epochs 1 --out runs/demo-curve \
-        --demo-notebook /tmp/moco/colab/moco_cifar10_demo.ipynb
+    python benchmarks/official_curve.py --data-dir data/cifar10-jpg --epochs 1 --out runs/demo-curve \
+        --demo-notebook moco/colab/moco_cifar10_demo.ipynb
 
 With --demo-notebook and --checkpoint (a moco.py checkpoint, such as <out>/moco/checkpoint.pt
 of a curve) nothing trains: that checkpoint's f_q is measured by the demo's own test(), its
@@ -69,6 +69,7 @@ DEMO = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "512", "
         "--min-crop", "0.08", "--augmentation", "demo", "--epochs", "200", "--schedule", "cosine"]
 # The code the curve measures: a change to any of these makes its table stale (benchmarks/report.py).
 CODE = ["moco.py", "common.py", "benchmarks/official_curve.py", "benchmarks/registry.py"]
+DEMO_CODE = ["benchmarks/official_curve.py", "benchmarks/reference_speed.py", "benchmarks/registry.py"]  # the demo's run
 ON_THE_CURVE = 2.0  # points: within this of the demo's figure counts as on its curve
 VERDICT_EPOCHS = (5, 10)  # where training, not the seed, decides: the demo gains 6 and 16 points by then
 
@@ -91,8 +92,8 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
     p.add_argument("--resume", action="store_true", help="continue the curve in --out where it stopped: the epochs "
                                                         "measured are kept, moco.py goes on from its checkpoint")
-    p.add_argument("--result", default="", help="also keep the raw result here, rewritten after every epoch "
-                                                "(results/<name>.json, which benchmarks/report.py renders)")
+    p.add_argument("--result", default="", help="also keep the raw result here, results/<name>.json, which "
+                                                "benchmarks/report.py renders (the curve's: rewritten after every epoch)")
     p.add_argument("--save-every", type=float, default=10.0, help="minutes between moco.py's checkpoints inside an "
                                                                   "epoch, so a stopped curve loses at most this")
     return p.parse_args(argv)
@@ -173,7 +174,7 @@ def verdict(rows: list[dict], who: str = "") -> str:
     return f"{who}{text[0].upper()}{text[1:]}."
 
 
-def demo_table(rows: list[dict], random: float, wall: float, started: float) -> str:
+def demo_table(rows: list[dict], random: float, wall: float, started: float | None) -> str:
     """The demo's own code, run here, beside its log: its test() after each epoch."""
     lines = ["| epoch | the demo's log: kNN on the head output | the demo's code run here, the same | difference | "
              "mean loss of the epoch (its train()) |", "|---|---|---|---|---|", f"| 0 (random init) | | {random:.2f} | | |"]
@@ -182,12 +183,13 @@ def demo_table(rows: list[dict], random: float, wall: float, started: float) -> 
         diff = f"{r['head'] - demo:+.2f}" if demo is not None else ""
         lines.append(f"| {r['epoch']} | {demo if demo is not None else '(not logged)'} | {r['head']:.2f} | {diff} | "
                      f"{r['loss']:.3f} |")
-    lines += ["", verdict(rows, "The demo's own code, run here: "), "",
-              f"Training and evaluation: {wall / 60:.0f} min.", "", provenance(started)]
+    lines += ["", verdict(rows, "The demo's own code, run here: "), "", f"Training and evaluation: {wall / 60:.0f} min."]
+    if started is not None:
+        lines += ["", provenance(started)]
     return "\n".join(lines) + "\n"
 
 
-def demo_curve(a, out: Path) -> dict:
+def demo_curve(a, out: Path, given: str) -> dict:
     """The demo's own code for --epochs epochs, measured by its own test() (see the docstring)."""
     import reference_speed
     started = time.time()
@@ -214,10 +216,14 @@ def demo_curve(a, out: Path) -> dict:
         if a.minutes and time.time() - started > 60 * a.minutes:
             print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
             break
-    text = demo_table(rows, random, time.time() - started, started)
+    wall = time.time() - started
+    text = demo_table(rows, random, wall, started)
     (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
     (out / "curve.md").write_text(text)
     print(text, flush=True)
+    if a.result:
+        save_result(a.result, "demo_curve", given, DEMO_CODE, {"random_init": random, "epochs": rows, "seconds": wall},
+                    started)
     return {"random_init": random, "epochs": rows}
 
 
@@ -235,7 +241,7 @@ class FromDemoInput(torch.nn.Module):
         return self.f_q(x * self.std + self.mean)
 
 
-def demo_measures(a, out: Path) -> dict:
+def demo_measures(a, out: Path, given: str) -> dict:
     """A moco.py checkpoint's f_q through the demo's own test(), and through knn_both."""
     import reference_speed
     started = time.time()
@@ -252,14 +258,22 @@ def demo_measures(a, out: Path) -> dict:
     device = common.pick_device(a.device)
     data = common.load_image_data(common.parse_args(moco.Args, moco_argv(a, out)))  # the images moco.py reads; --out unused
     ours = knn_both(f_q, data, device)
-    text = "\n".join([
-        f"f_q of {a.checkpoint} (step {state['step']}), kNN on the head output:", "",
-        "| monitor | kNN top-1 (%) |", "|---|---|", f"| the demo's test() | {demo:.2f} |",
-        f"| official_curve.py (knn_both) | {ours['head']:.2f} |", "",
-        f"Difference: {ours['head'] - demo:+.2f}.", "", provenance(started)]) + "\n"
+    data = {"checkpoint": a.checkpoint, "step": state["step"], "demo_test": demo, **ours}
+    text = measures_table(data) + "\n" + provenance(started) + "\n"
     (out / "measures.md").write_text(text)
     print(text, flush=True)
+    if a.result:
+        save_result(a.result, "demo_measures", given, CODE + ["benchmarks/reference_speed.py"], data, started)
     return {"demo_test": demo, **ours}
+
+
+def measures_table(data: dict) -> str:
+    """One checkpoint's f_q through the demo's test() and through knn_both."""
+    return "\n".join([
+        f"f_q of {data['checkpoint']} (step {data['step']}), kNN on the head output:", "",
+        "| monitor | kNN top-1 (%) |", "|---|---|", f"| the demo's test() | {data['demo_test']:.2f} |",
+        f"| official_curve.py (knn_both) | {data['head']:.2f} |", "",
+        f"Difference: {data['head'] - data['demo_test']:+.2f}."]) + "\n"
 
 
 def main(argv=None):
@@ -270,7 +284,7 @@ def main(argv=None):
         common.fail("--checkpoint is measured by the demo's test(): give --demo-notebook as well")
     if a.demo_notebook:
         out.mkdir(parents=True, exist_ok=True)
-        return demo_measures(a, out) if a.checkpoint else demo_curve(a, out)
+        return demo_measures(a, out, given) if a.checkpoint else demo_curve(a, out, given)
     run = out / "moco"
     kept = json.loads((out / "curve.json").read_text()) if a.resume and (out / "curve.json").is_file() else None
     if a.resume and kept is None:

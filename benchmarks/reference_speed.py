@@ -1,9 +1,9 @@
 """moco.py and simclr.py beside the reference code they follow: images/s on the same images.
 
-    git clone https://github.com/facebookresearch/moco /tmp/moco              # colab/moco_cifar10_demo.ipynb
-    git clone https://github.com/p3i0t/SimCLR-CIFAR10 /tmp/simclr-cifar10     # simclr.py + models.py
-    python benchmarks/reference_speed.py --data-dir /tmp/cifar10-jpg --out runs/reference-speed.md \
-        --moco-demo /tmp/moco/colab/moco_cifar10_demo.ipynb --simclr-repo /tmp/simclr-cifar10
+    git clone https://github.com/facebookresearch/moco && git -C moco checkout f736491   # colab/moco_cifar10_demo.ipynb
+    git clone https://github.com/p3i0t/SimCLR-CIFAR10 && git -C SimCLR-CIFAR10 checkout 2f449c2   # simclr.py, models.py
+    python benchmarks/reference_speed.py --data-dir data/cifar10-jpg --out runs/reference-speed.md \
+        --moco-demo moco/colab/moco_cifar10_demo.ipynb --simclr-repo SimCLR-CIFAR10
 
 (Give one of --moco-demo / --simclr-repo to run only that pair.) --data-dir is an
 ImageFolder-style folder with train/<class>/*.jpg (CIFAR-10 as JPEGs: ../shared/data).

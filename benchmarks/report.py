@@ -42,6 +42,16 @@ def render_official_curve(data) -> str:
     return official_curve.table(data["epochs"], data["random_init"], data["seconds"], None)
 
 
+def render_demo_curve(data) -> str:
+    import official_curve
+    return official_curve.demo_table(data["epochs"], data["random_init"], data["seconds"], None)
+
+
+def render_demo_measures(data) -> str:
+    import official_curve
+    return official_curve.measures_table(data)
+
+
 def render_compare(data) -> str:
     import compare
     defaults = vars(compare.parse([]))
@@ -68,8 +78,10 @@ def render_efficiency(data) -> str:
     return efficiency.table(data)
 
 
-RENDER = {"data_pipeline": render_data_pipeline, "reference_speed": render_reference_speed, "efficiency": render_efficiency, "unseen_videos": render_unseen_videos, "official_curve": render_official_curve, "compare": render_compare,
-          "claim": render_claim}
+RENDER = {"compare": render_compare, "claim": render_claim, "efficiency": render_efficiency,
+          "official_curve": render_official_curve, "demo_curve": render_demo_curve,
+          "demo_measures": render_demo_measures, "unseen_videos": render_unseen_videos,
+          "data_pipeline": render_data_pipeline, "reference_speed": render_reference_speed}
 
 
 def stale_files(record: dict) -> list[str]:

@@ -356,7 +356,8 @@ def test_official_curve_runs_the_demos_own_code_and_its_own_monitor(tiny_folder,
     out = tmp_path / "curve"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
                            str(tiny_folder), "--epochs", "2", "--workers", "0", "--demo-notebook", str(notebook),
-                           "--out", str(out)], capture_output=True, text=True, env=script_env())
+                           "--out", str(out), "--result", str(tmp_path / "demo-curve.json")],
+                          capture_output=True, text=True, env=script_env())
     assert done.returncode == 0, done.stderr
     calls = (out / "demo" / "calls.txt").read_text().split("\n")[:-1]  # 160 training images in batches of 16
     assert calls == ["test 0 60", "train 1 10", "test 1 60", "train 2 10", "test 2 60"]
@@ -366,6 +367,10 @@ def test_official_curve_runs_the_demos_own_code_and_its_own_monitor(tiny_folder,
     text = (out / "curve.md").read_text()
     assert "| 0 (random init) | | " in text and "| 1 | 31.98 | " in text and "| 2 | 33.52 | " in text
     assert "The demo's own code, run here: " in text and "Made by commit" in text
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+    kept = json.loads((tmp_path / "demo-curve.json").read_text())  # the raw result renders as the table written
+    assert kept["kind"] == "demo_curve" and report.RENDER["demo_curve"](kept["data"]) in text
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
                               str(tiny_folder), "--demo-notebook", str(tmp_path / "none.ipynb"), "--out", str(out)],
                              capture_output=True, text=True, env=script_env())
@@ -392,12 +397,16 @@ def test_official_curve_measures_a_moco_checkpoint_with_the_demos_monitor(tiny_f
     checkpoint = tmp_path / "c" / "moco" / "checkpoint.pt"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
                            str(tiny_folder), "--workers", "0", "--demo-notebook", str(notebook), "--checkpoint",
-                           str(checkpoint), "--extra", extra, "--out", str(tmp_path / "m")],
+                           str(checkpoint), "--extra", extra, "--out", str(tmp_path / "m"),
+                           "--result", str(tmp_path / "measures.json")],
                           capture_output=True, text=True, env=script_env())
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "m" / "measures.md").read_text()
     assert "(step 10)" in text and "| the demo's test() | " in text and "| official_curve.py (knn_both) | " in text
     assert "Made by commit" in text
+    import report
+    kept = json.loads((tmp_path / "measures.json").read_text())
+    assert kept["kind"] == "demo_measures" and text.startswith(report.RENDER["demo_measures"](kept["data"]))
     alone = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
                             str(tiny_folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "n")],
                            capture_output=True, text=True, env=script_env())
