@@ -73,6 +73,11 @@ def render_reference_speed(data) -> str:
     return reference_speed.table(data)
 
 
+def render_decode_memory(data) -> str:
+    import decode_memory
+    return decode_memory.table(data)
+
+
 def render_efficiency(data) -> str:
     import efficiency
     return efficiency.table(data)
@@ -81,7 +86,8 @@ def render_efficiency(data) -> str:
 RENDER = {"compare": render_compare, "claim": render_claim, "efficiency": render_efficiency,
           "official_curve": render_official_curve, "demo_curve": render_demo_curve,
           "demo_measures": render_demo_measures, "unseen_videos": render_unseen_videos,
-          "data_pipeline": render_data_pipeline, "reference_speed": render_reference_speed}
+          "data_pipeline": render_data_pipeline, "reference_speed": render_reference_speed,
+          "decode_memory": render_decode_memory}
 
 
 def stale_files(record: dict) -> list[str]:

@@ -72,12 +72,14 @@ if [ -n "$davis" ]; then
     --epochs 30 --extra "--crop 64" --out "$runs/davis" --result results/davis.json
   step unseen-videos -- python benchmarks/unseen_videos.py --davis-dir "$davis" --out "$runs/unseen-videos" \
     --result results/unseen-videos.json
+  step decode-memory -- python benchmarks/decode_memory.py --data-dir "$davis/JPEGImages/480p" \
+    --result results/decode-memory.json
   for size in 224 64; do
     step "data-pipeline-$size" -- python benchmarks/data_pipeline.py --data-dir "$davis/JPEGImages/480p" --size "$size" \
       --workers 2 --passes 4 --result "results/data-pipeline-$size.json"
   done
 else
-  echo "[tables] davis, unseen-videos, data-pipeline-224, data-pipeline-64: skipped (no --davis DIR)"
+  echo "[tables] davis, unseen-videos, decode-memory, data-pipeline-224, data-pipeline-64: skipped (no --davis DIR)"
 fi
 if [ -n "$cifar" ] && [ -n "$moco_demo" ] && [ -n "$simclr_repo" ]; then
   step reference-speed -- python benchmarks/reference_speed.py --data-dir "$cifar" --repeats 1 --moco-demo "$moco_demo" \
