@@ -97,3 +97,15 @@ def test_every_link_to_a_section_names_a_heading_there():
             if anchor not in headings:
                 broken.append((p.name, f"{target}#{anchor}"))
     assert not broken, broken
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_departure_says_whether_its_effect_is_measured(method):
+    """Each numbered item of a method's "Departures from the paper" names the table that
+    measures it or says that it is not measured."""
+    text = (ROOT / "docs" / f"{method}.md").read_text()
+    section = text.split("## Departures from the paper", 1)[1].split("\n## ", 1)[0]
+    items = [" ".join(i.split()) for i in re.findall(r"(?ms)^\d+\. .*?(?=^\d+\. |\Z)", section)]
+    assert items, f"docs/{method}.md: no numbered departures"
+    silent = [i[:60] for i in items if "measured" not in i.lower()]
+    assert not silent, f"docs/{method}.md: departures that say nothing of their effect: {silent}"
