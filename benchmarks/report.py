@@ -109,6 +109,15 @@ def view_seeds(records: list[dict], method: str = "") -> str:
     return (plot.table(found) if found else "") + plot.video_rows(videos, [r["wall_s"] for r in videos if "wall_s" in r])
 
 
+def view_compare(records: list[dict], method: str) -> str:
+    """`compare.<method> NAME`: one method's row of a compare result's table (a method's doc)."""
+    data = records[0]["data"]
+    rows = [r for r in data["rows"] if r["method"] == method]
+    if not rows:
+        return f"No run of {method} in these results.\n"
+    return render_compare({**data, "rows": rows})
+
+
 def answer_curve(records: list[dict]) -> str:
     """One sentence: where moco.py stands on the official demo's curve, and how far it was run."""
     import official_curve
@@ -164,7 +173,7 @@ def reproduce(steps: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-VIEWS = {"seeds": view_seeds}  # a block over several results: <!-- report: seeds name1 name2 ... -->
+VIEWS = {"seeds": view_seeds, "compare": view_compare}  # <!-- report: seeds name1 name2 ... -->, compare.rotation name
 SENTENCES = {"answer-curve": answer_curve}  # one sentence from a result, for prose: <!-- report: answer-curve name -->
 SUMMARIES = {"claims-summary": claims_summary}  # a block over whatever results there are: <!-- report: claims-summary -->
 

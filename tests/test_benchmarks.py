@@ -510,7 +510,8 @@ def test_report_seeds_view_averages_the_compare_results_it_names(tmp_path, monke
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     for seed, knn in ((0, 0.30), (1, 0.40)):
         row = {"method": "rotation", "status": "ok", "knn_top1": knn, "random_knn_top1": 0.1, "linear_top1": 0.5,
-               "random_linear_top1": 0.2, "wall_s": 40.0 + seed, "knn_curve": [[0.0, 0.1], [1.0, knn]]}
+               "random_linear_top1": 0.2, "wall_s": 40.0 + seed, "knn_curve": [[0.0, 0.1], [1.0, knn]],
+               "images_per_s": 1000.0, "peak_rss_mb": 500.0}
         registry.save_result(tmp_path / f"s{seed}.json", "compare", f"python benchmarks/compare.py --extra '--seed {seed}'",
                              ["rotation.py"], {"options": {}, "rows": [row]}, 0.0)
     out = report.generated("<!-- report: seeds s0 s1 -->\n<!-- /report -->\n")
@@ -519,6 +520,9 @@ def test_report_seeds_view_averages_the_compare_results_it_names(tmp_path, monke
     one = report.generated("<!-- report: seeds.rotation s0 s1 -->\n<!-- /report -->\n")
     assert "| rotation | 40 s | 0.350 ± 0.071 |" in one
     assert "| rotation |" not in report.generated("<!-- report: seeds.moco s0 s1 -->\n<!-- /report -->\n")
+    row = report.generated("<!-- report: compare.rotation s1 -->\n<!-- /report -->\n")  # one result's row
+    assert "| rotation | " in row and "| 0.400 |" in row and "| 0.300 |" not in row and "--seed 1'" in row
+    assert "No run of moco" in report.generated("<!-- report: compare.moco s1 -->\n<!-- /report -->\n")
 
 
 def test_report_answers_the_curve_question_in_one_sentence(tmp_path, monkeypatch):
