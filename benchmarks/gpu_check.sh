@@ -10,10 +10,11 @@
 #   STEPS=100 DEVICE=cuda:1 METHODS="rotation moco" bash benchmarks/gpu_check.sh
 #   DEVICE=cpu BACKBONE=small METHODS=rotation STEPS=150 bash benchmarks/gpu_check.sh   # the CPU figure
 #
-# Runs go to $OUT (default runs/gpu-check-<date>-<time>); the table to $OUT/table.md.
+# Runs go to $OUT (default runs/gpu-check-<date>-<time>); the table to $OUT/table.md
+# (benchmarks/gpu_table.py); RESULT=results/gpu-check.json also keeps its raw figures there.
 set -euo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 cd "$(dirname "$0")/.."
@@ -29,6 +30,12 @@ if [ "$device" != cpu ]; then  # DEVICE=cpu: a dry run of the script itself
   }
 fi
 mkdir -p "$out"
+started=$(date +%s)
+given=""  # the command as given, for the result: its settings, then the script
+for v in STEPS DEVICE BACKBONE METHODS; do
+  if [ -n "${!v:-}" ]; then given+="$v=\"${!v}\" "; fi
+done
+command="${given}bash benchmarks/gpu_check.sh"
 for m in $methods; do
   for compile in no-compile compile; do
     echo "[gpu_check] $m --$compile" >&2
@@ -36,31 +43,5 @@ for m in $methods; do
       --"$compile" --out "$out/$m-$compile" > "$out/$m-$compile.log" 2>&1 || echo "[gpu_check] $m --$compile failed (see $out/$m-$compile.log)" >&2
   done
 done
-python - "$out" "$steps" "$backbone" $methods <<'EOF' | tee "$out/table.md"
-import json, statistics, sys
-from pathlib import Path
-import torch
-out, steps, backbone, methods = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-print(f"{gpu}, torch {torch.__version__}, backbone {backbone}, built-in data at each method's size, "
-      f"{steps} steps, each method's default batch, channels_last{', bf16 autocast' if gpu != 'no GPU' else ''}.\n")
-print("| method | compile | images/s warm | images/s whole run | peak GPU memory | loss: first tenth -> last tenth |")
-print("|---|---|---|---|---|---|")
-for m in methods:
-    for c in ("no-compile", "compile"):
-        run = out / f"{m}-{c}"
-        if not (run / "eval.json").is_file():
-            print(f"| {m} | {c == 'compile'} | failed: see {run}.log |  |  |  |")
-            continue
-        result = json.loads((run / "eval.json").read_text())
-        lines = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
-        lines = [l for l in lines if "images_per_s" in l]
-        key = next(k for k in lines[-1] if k.startswith("loss"))
-        tenth = max(1, len(lines) // 10)
-        first = sum(l[key] for l in lines[:tenth]) / tenth
-        last = sum(l[key] for l in lines[-tenth:]) / tenth
-        warm = statistics.median(l["images_per_s"] for l in lines[len(lines) // 2:])
-        print(f"| {m} | {c == 'compile'} | {warm:.0f} | {result['train_images_per_s']:.0f} | " + (
-              f"{result['peak_gpu_memory_mb']:.0f} MB | " if "peak_gpu_memory_mb" in result else "- | ") + \
-              f"{key} {first:.3f} -> {last:.3f} |")
-EOF
+python benchmarks/gpu_table.py "$out" --steps "$steps" --backbone "$backbone" --methods $methods --started "$started" \
+  --command "$command" ${RESULT:+--result "$RESULT"}

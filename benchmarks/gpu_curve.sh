@@ -5,7 +5,7 @@
 # into data/ (the machine needs no internet).
 #
 #   bash benchmarks/gpu_curve.sh
-#   MINUTES=20 CIFAR=/data/cifar10-jpg OUT=runs/curve-gpu bash benchmarks/gpu_curve.sh
+#   MINUTES=20 CIFAR=data/cifar10-jpg OUT=runs/curve-gpu RESULT=results/official-curve-gpu.json bash benchmarks/gpu_curve.sh
 set -euo pipefail
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
@@ -27,4 +27,4 @@ python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" |
   exit 2
 }
 python benchmarks/official_curve.py --data-dir "$cifar" --epochs 200 --minutes "$minutes" --device cuda \
-  --workers 8 --out "$out"
+  --workers 8 --out "$out" ${RESULT:+--result "$RESULT"}

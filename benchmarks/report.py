@@ -78,6 +78,11 @@ def render_decode_memory(data) -> str:
     return decode_memory.table(data)
 
 
+def render_gpu_check(data) -> str:
+    import gpu_table
+    return gpu_table.table(data)
+
+
 def render_efficiency(data) -> str:
     import efficiency
     return efficiency.table(data)
@@ -87,7 +92,7 @@ RENDER = {"compare": render_compare, "claim": render_claim, "efficiency": render
           "official_curve": render_official_curve, "demo_curve": render_demo_curve,
           "demo_measures": render_demo_measures, "unseen_videos": render_unseen_videos,
           "data_pipeline": render_data_pipeline, "reference_speed": render_reference_speed,
-          "decode_memory": render_decode_memory}
+          "decode_memory": render_decode_memory, "gpu_check": render_gpu_check}
 
 
 def stale_files(record: dict) -> list[str]:

@@ -585,3 +585,27 @@ def test_report_claims_summary_gives_each_claim_its_verdict(tmp_path, monkeypatc
     assert len(rows) == len(claims.CLAIMS)
     assert [r for r in rows if r.startswith("| colorization_loss |")][0].split(" | ")[2] == "holds"
     assert all("not measured yet" in r for r in rows if not r.startswith("| colorization_loss |"))
+
+
+def test_gpu_table_reads_gpu_checks_runs_and_keeps_them(tmp_path):
+    """gpu_check.sh's table (benchmarks/gpu_table.py): warm images/s the median of the second
+    half's steps, the loss of the first and last tenth, a failed run named; its raw result
+    renders as the same table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_table
+    import report
+    run = tmp_path / "rotation-no-compile"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"train_images_per_s": 900.0, "peak_gpu_memory_mb": 1234.0}))
+    log = [{"step": i, "loss": 2.0 - i / 10, "images_per_s": 100.0 * i} for i in range(1, 11)]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(line) for line in log) + "\n")
+    data = gpu_table.main([str(tmp_path), "--steps", "10", "--backbone", "resnet18", "--methods", "rotation",
+                           "--result", str(tmp_path / "gpu.json")])
+    ok, failed = data["rows"]
+    assert ok["warm_images_per_s"] == 800.0 and ok["loss_first"] == pytest.approx(1.9) and ok["loss_last"] == 1.0
+    assert failed == {"method": "rotation", "compile": True, "status": "failed: see rotation-compile.log"}
+    text = (tmp_path / "table.md").read_text()
+    assert "| rotation | False | 800 | 900 | 1234 MB | loss 1.900 -> 1.000 |" in text
+    assert "| rotation | True | failed: see rotation-compile.log |" in text
+    kept = json.loads((tmp_path / "gpu.json").read_text())
+    assert kept["kind"] == "gpu_check" and report.RENDER["gpu_check"](kept["data"]) + "\n" + kept["provenance"] + "\n" == text
