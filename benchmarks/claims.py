@@ -340,9 +340,11 @@ def run_seed(method: str, argv: list[str], run: Path) -> dict:
     said = run / "claims_command.txt"
     if said.is_file() and said.read_text() != command:
         common.fail(f"{run} holds a run of another sweep ({said.read_text()}); choose another --out")
+    wall = run / "claims_wall_s.txt"  # the run's wall time, kept for the claim's provenance in a later sitting
     if (run / "eval.json").is_file():
         print(f"[claims] already run: reading {run / 'eval.json'}", flush=True)
-        return json.loads((run / "eval.json").read_text())
+        return {**json.loads((run / "eval.json").read_text()),
+                **({"wall_s": float(wall.read_text())} if wall.is_file() else {})}
     resume = (run / "checkpoint.pt").is_file()
     run.mkdir(parents=True, exist_ok=True)
     said.write_text(command)
@@ -354,12 +356,16 @@ def run_seed(method: str, argv: list[str], run: Path) -> dict:
         result = run_script(method, [*argv, "--log-every", "30"], run, log)
     if result["status"] != "ok":
         common.fail(f"{command} {result['status']} (log: {log})")
-    return {k: v for k, v in result.items() if k not in ("status", "wall_s", "peak_rss_mb")}
+    wall.write_text(f"{result['wall_s']:.1f}")
+    return {k: v for k, v in result.items() if k not in ("status", "peak_rss_mb")}
 
 
-def keep(a, claim: str, results: dict, started: float):
+def keep(a, claim: str, results: dict):
     """results/claim-<claim>.json: the claim's runs (every seed's eval.json), as this command
-    alone would make them, and the code they measured."""
+    alone would make them, and the code they measured. The wall time its provenance line
+    gives is that of its own runs, whichever sitting ran them (a run shared with another
+    claim counts in both)."""
+    started = time.time() - sum(run.get("wall_s", 0.0) for r in results.values() for run in r["runs"])
     own = " ".join(f"{flag} {value}" for flag, value, default in
                    (("--epoch-scale", a.epoch_scale, 1.0), ("--seeds", a.seeds, 3)) if value != default)
     extra = f" --extra '{a.extra}'" if a.extra else ""
@@ -425,7 +431,7 @@ def main(argv=None):
         record[claim] = results
         (out / "claims.md").write_text(render(record) + "\n" + provenance(started) + "\n")  # kept if stopped midway
         if a.results:
-            keep(a, claim, results, started)
+            keep(a, claim, results)
         (out / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         print(render({claim: results}), flush=True)
     return record

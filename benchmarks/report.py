@@ -174,7 +174,8 @@ def reproduce(steps: list[str]) -> str:
         rows.append(f"| {name} | {command} | {NEEDS.get(needs, 'nothing')} | "
                     f"{f'{sum(minutes)} min' if records else '?'} | {state} |")
     lines = ["| result | command | needs | time on 2 CPU cores | state |", "|---|---|---|---|---|", *rows, "",
-             f"Total of the times measured: {total / 60:.1f} h{' (steps not measured yet not counted)' if unknown else ''}."]
+             f"Total of the times measured: {total / 60:.1f} h{' (steps not measured yet not counted)' if unknown else ''}"
+             f"{'; a claim counts the runs it shares with another, which the sweep runs once' if 'claims' in steps else ''}."]
     return "\n".join(lines) + "\n"
 
 

@@ -125,7 +125,11 @@ def test_claims_table_has_a_row_per_run_a_verdict_and_the_grids(tiny_folder, tmp
     assert kept["command"] == f"python benchmarks/claims.py --claims colorization_loss --epoch-scale 0.1 --seeds 2 " \
                               f"--extra '{extra}'"
     import report
-    assert report.RENDER["claim"](kept["data"]) + "\n" + kept["provenance"] + "\n" == text  # the sweep's own table
+    assert text.startswith(report.RENDER["claim"](kept["data"]) + "\nMade by commit")  # the sweep's own table
+    # the kept provenance's wall time is its runs' own (the sweep's line: this sitting's)
+    walls = [run["wall_s"] for r in kept["data"]["colorization_loss"].values() for run in r["runs"]]
+    assert len(walls) == 4 and all(w > 0 for w in walls)
+    assert f"{sum(walls) / 60:.0f} min wall time" in kept["provenance"]
     rows = [line for line in text.splitlines() if line.startswith("| classification") or
             line.startswith("| regression")]
     import colorization
