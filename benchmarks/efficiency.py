@@ -15,9 +15,10 @@ For every method, one after the other, --repeats times:
      encoder and discriminator, both halves of split-brain ...), with the tensors it was
      given, whether gradients were on and whether the module was in training mode.
   3. Those calls are replayed on those tensors: forward, backward from every output
-     that needs a gradient, an SGD step over the parameters: the time of the networks
-     alone, with nothing of the method around them (no data, augmentation, loss,
-     queue or logging).
+     that needs a gradient, and the steps of the method's own optimizers (the kinds and
+     settings it stepped in that step: Adam where it uses Adam, fused where it fuses):
+     the time of the networks alone, with nothing of the method around them (no data,
+     augmentation, loss, queue or logging).
 ratio = the networks' time / the method's step time (medians over steps). 1.0: nothing
 outside the networks costs time. The table gives the median ratio over the repeats and
 its range (each repeat a fresh run). Below 0.9, --profile says which operators take the
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -67,17 +69,21 @@ def _tensors(value):
 
 
 class NetworkCalls:
-    """Global forward hooks that record the outermost calls of modules with parameters."""
+    """Global hooks that record the outermost calls of modules with parameters, and the
+    optimizers stepped (each step call, in order)."""
 
     def __init__(self):
         self.calls = []  # (module, args, kwargs, grad enabled, training mode, autocast on cuda)
+        self.stepped = []  # the optimizers, once per step() call
         self._open = []
         self._handles = []
 
     def __enter__(self):
         hooks = nn.modules.module
         self._handles = [hooks.register_module_forward_pre_hook(self._pre),
-                         hooks.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)]
+                         hooks.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+                         register_optimizer_step_pre_hook(
+                             lambda opt, args, kwargs: self.stepped.append(opt))]
         return self
 
     def __exit__(self, *exc):
@@ -96,9 +102,9 @@ class NetworkCalls:
                                    module.training, torch.is_autocast_enabled("cuda")))
 
 
-def run_method(method: str, argv: list[str], steps: int) -> tuple[list[float], list]:
+def run_method(method: str, argv: list[str], steps: int) -> tuple[list[float], NetworkCalls]:
     """The method's main() for `steps` steps: the wall time of each step (from one run.log
-    call to the next) and the network calls of the last step."""
+    call to the next) and the network calls and optimizer steps of the last step."""
     module = importlib.import_module(method)
     stamps, recorder = [], NetworkCalls()
     log = common.Run.log
@@ -121,17 +127,30 @@ def run_method(method: str, argv: list[str], steps: int) -> tuple[list[float], l
         common.Run.log = log
         recorder.__exit__()
     step_times = [b - a for a, b in zip(stamps[WARM:-2], stamps[WARM + 1:-1])]
-    return step_times, recorder.calls
+    return step_times, recorder
 
 
-def replay_times(calls: list, device, repeats: int, warm: int = WARM) -> list[float]:
+def replay_optimizers(recorder: NetworkCalls) -> list:
+    """Optimizers for the replay: of the kinds and settings the method stepped (its param
+    groups, lr 0 so that the weights stay), one per step() call it made; SGD with momentum
+    over the calls' parameters if it stepped none."""
+    made = {}
+    for opt in recorder.stepped:
+        if id(opt) not in made:
+            made[id(opt)] = type(opt)([{**group, "lr": 0.0} for group in opt.param_groups])
+    if made:
+        return [made[id(opt)] for opt in recorder.stepped]
+    params = list({id(p): p for module, *_ in recorder.calls for p in module.parameters() if p.requires_grad}.values())
+    return [torch.optim.SGD(params, lr=0.0, momentum=0.9)] if params else []
+
+
+def replay_times(recorder: NetworkCalls, device, repeats: int, warm: int = WARM) -> list[float]:
     """The recorded calls replayed `repeats` times (after `warm` untimed): forward, backward,
-    SGD step (lr 0)."""
-    params = list({id(p): p for module, *_ in calls for p in module.parameters() if p.requires_grad}.values())
-    opt = torch.optim.SGD(params, lr=0.0, momentum=0.9) if params else None
+    the method's optimizer steps (replay_optimizers)."""
+    calls, optimizers = recorder.calls, replay_optimizers(recorder)
 
     def step():
-        if opt:
+        for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         outputs = []
         for module, args, kwargs, grad, training, amp in calls:
@@ -140,7 +159,7 @@ def replay_times(calls: list, device, repeats: int, warm: int = WARM) -> list[fl
                 outputs += [t for t in _tensors(module(*args, **kwargs)) if t.requires_grad]
         if outputs:
             sum(t.float().mean() for t in outputs).backward()
-        if opt:
+        for opt in optimizers:
             opt.step()
 
     times = []
@@ -174,10 +193,10 @@ def describe(calls: list) -> str:
 
 def measure(method: str, argv: list[str], steps: int, device) -> tuple[float, float, float, str]:
     """One repeat: (method's median step time, networks' median time, ratio, what was replayed)."""
-    step_times, calls = run_method(method, argv, steps)
-    nets = replay_times(calls, device, max(5, steps - WARM - 3))
+    step_times, recorder = run_method(method, argv, steps)
+    nets = replay_times(recorder, device, max(5, steps - WARM - 3))
     ours, theirs = statistics.median(step_times), statistics.median(nets)
-    return ours, theirs, theirs / ours, describe(calls)
+    return ours, theirs, theirs / ours, describe(recorder.calls)
 
 
 def _per_step(prof, steps: int) -> dict[str, float]:
@@ -187,8 +206,9 @@ def _per_step(prof, steps: int) -> dict[str, float]:
             e.self_cpu_time_total / steps / 1000 for e in prof.key_averages()}
 
 
-def profile_steps(method: str, argv: list[str], steps: int) -> tuple[dict[str, float], list]:
-    """(ms per step of each operator in the method's training steps, the network calls of a step).
+def profile_steps(method: str, argv: list[str], steps: int) -> tuple[dict[str, float], NetworkCalls]:
+    """(ms per step of each operator in the method's training steps, the network calls and
+    optimizer steps of a step).
 
     The profiler records `steps` training steps after WARM and nothing else (not the
     data, the model building or colorization's colour prior): the method's own loop
@@ -219,17 +239,17 @@ def profile_steps(method: str, argv: list[str], steps: int) -> tuple[dict[str, f
         finally:
             common.Run.log = log
             recorder.__exit__()
-    return _per_step(prof, steps), recorder.calls
+    return _per_step(prof, steps), recorder
 
 
-def profile_replay(calls: list, steps: int) -> dict[str, float]:
+def profile_replay(recorder: NetworkCalls, steps: int) -> dict[str, float]:
     """ms per step of each operator when only the networks run: the recorded calls replayed
-    (forward, backward, an SGD step), as replay_times times them."""
+    (forward, backward, the method's optimizer steps), as replay_times times them."""
     from torch.profiler import ProfilerActivity, profile, schedule
     with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=WARM, warmup=1, active=steps, repeat=1)) \
             as prof:
         for _ in range(WARM + 1 + steps):
-            replay_times(calls, torch.device("cpu"), 1, warm=0)
+            replay_times(recorder, torch.device("cpu"), 1, warm=0)
             prof.step()
     return _per_step(prof, steps)
 
@@ -297,8 +317,8 @@ def main(argv=None):
         print(f"[efficiency] {method}: ratio {statistics.median(r[2] for r in runs):.2f}", flush=True)
     if a.profile:
         for method in a.methods:
-            step, calls = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
-            data["profile"][method] = (step, profile_replay(calls, a.steps))
+            step, recorder = profile_steps(method, ["--backbone", a.backbone, "--device", a.device], a.steps)
+            data["profile"][method] = (step, profile_replay(recorder, a.steps))
             print("\n".join(outside_rows(method, *data["profile"][method])), flush=True)
     text = table(data) + "\n" + provenance(started) + "\n"
     print("\n" + text)

@@ -63,7 +63,8 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
 
 def test_hooks_record_the_outermost_network_calls_with_their_inputs():
     """What the method's own code calls: modules with parameters, not those called inside
-    them, not parameter-free ones; inputs copied, gradient mode and training mode kept."""
+    them, not parameter-free ones; inputs copied, gradient mode and training mode kept;
+    the optimizers it steps, replayed with their kind and settings (lr 0)."""
     import torch
     import torch.nn as nn
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -71,9 +72,11 @@ def test_hooks_record_the_outermost_network_calls_with_their_inputs():
     encoder = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     key_encoder = nn.Linear(4, 2).eval()
     x = torch.randn(5, 4)
+    adam = torch.optim.Adam(encoder.parameters(), lr=0.1, betas=(0.9, 0.99), weight_decay=0.01)
     with efficiency.NetworkCalls() as recorder:
         nn.ReLU()(x)  # no parameters: not a network
-        encoder(x)
+        encoder(x).sum().backward()
+        adam.step()
         with torch.no_grad():
             key_encoder(x)
     given = x.clone()
@@ -84,10 +87,22 @@ def test_hooks_record_the_outermost_network_calls_with_their_inputs():
     assert torch.equal(args[0], given) and grad and training
     assert torch.equal(key_args[0], given) and not key_grad and not key_training
     nn.Linear(4, 2)(x)  # after the block: nothing more recorded
-    assert len(recorder.calls) == 2
-    times = efficiency.replay_times(recorder.calls, torch.device("cpu"), 3)
+    assert len(recorder.calls) == 2 and recorder.stepped == [adam]
+    (replayed,) = efficiency.replay_optimizers(recorder)
+    assert type(replayed) is torch.optim.Adam and replayed is not adam
+    group = replayed.param_groups[0]
+    assert group["lr"] == 0 and group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01
+    assert [p for p in group["params"]] == list(encoder.parameters())
+    before = encoder[0].weight.detach().clone()
+    with efficiency.NetworkCalls() as again:
+        times = efficiency.replay_times(recorder, torch.device("cpu"), 3)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert encoder[0].weight.grad is not None and key_encoder.weight.grad is None  # backward where grad was on
+    assert [type(o) for o in again.stepped] == [torch.optim.Adam] * (efficiency.WARM + 3)  # an Adam step each time
+    assert adam not in again.stepped and torch.equal(encoder[0].weight, before)  # a copy, lr 0: the weights stay
+    recorder.stepped.clear()  # a method that steps no optimizer: SGD over the calls' parameters
+    (fallback,) = efficiency.replay_optimizers(recorder)
+    assert type(fallback) is torch.optim.SGD and len(fallback.param_groups[0]["params"]) == 6
 
 
 def test_efficiency_table_has_a_ratio_per_method(tmp_path):
@@ -213,9 +228,12 @@ def test_profile_rows_are_what_the_step_spends_outside_its_networks():
     which the networks do, mostly cancel; what is left is the method's own work."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import efficiency
-    step, calls = efficiency.profile_steps("rotation", ["--backbone", "small", "--device", "cpu", "--batch-size", "16"], 2)
-    networks = efficiency.profile_replay(calls, 2)
+    step, recorder = efficiency.profile_steps("rotation", ["--backbone", "small", "--device", "cpu", "--batch-size",
+                                                           "16"], 2)
+    networks = efficiency.profile_replay(recorder, 2)
+    calls = recorder.calls
     assert [type(c[0]).__name__ for c in calls] == ["RotationNet"]  # one network call a step, recorded after the window
+    assert [type(o).__name__ for o in recorder.stepped] == ["SGD"]  # rotation's own optimizer, stepped once
     assert step["aten::convolution_backward"] > 0 and networks["aten::convolution_backward"] > 0
     rows = efficiency.outside_rows("rotation", step, networks)
     cells = [row.strip("|").split("|") for row in rows]
