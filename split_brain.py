@@ -81,11 +81,20 @@ def soft_targets(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma:
     own grid cell, the same bins, faster; without it, among all Q."""
     n, d, h, w = values.shape
     flat = values.permute(0, 2, 3, 1).reshape(-1, d)
-    d2 = torch.cdist(flat, centres.to(values)) ** 2  # P x Q
     k = min(k, len(centres))
-    near_d2, near = d2.topk(k, dim=1, largest=False) if table is None else nearest_bins(d2, flat, table, k)
-    weights = torch.softmax(-near_d2 / (2 * sigma ** 2), dim=1)
+    if table is None:
+        near_d2, near = squared_distances(flat, centres.to(values)).topk(k, dim=1, largest=False)
+    else:
+        near_d2, near = nearest_bins(flat, table, k)
+    weights = torch.exp((near_d2[:, :1] - near_d2) / (2 * sigma ** 2))  # Gaussian weights (nearest first: at most 1)
+    weights /= weights.sum(1, keepdim=True)  # normalised (softmax over k columns; as colorization.py)
     return near.view(n, h, w, k).permute(0, 3, 1, 2), weights.view(n, h, w, k).permute(0, 3, 1, 2)
+
+
+def squared_distances(flat: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(P, D) values, (Q, D) centres -> (P, Q) squared distances, written out (as colorization.py)."""
+    d = centres.T[:, None] - flat.T[:, :, None]  # (D, P, Q)
+    return (d * d).sum(0)
 
 
 def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: float = 5.0,
@@ -99,32 +108,45 @@ def soft_encode(values: torch.Tensor, centres: torch.Tensor, k: int = 5, sigma: 
 
 def bin_table(bins: torch.Tensor, grid: float = GRID, reach: int = 2) -> dict:
     """The grid behind the ab bins, for nearest_bins: cell (i, j) -> index of its bin (Q
-    where the cell has none), over the bins' box widened by `reach` cells (as colorization.py)."""
+    where the cell has none: a bin at infinity), kept flat, over the bins' box widened by
+    `reach` cells; the offsets of a cell's window (as colorization.py)."""
     cells = torch.round(bins / grid).long()
     low = cells.min(0).values - reach
     size = cells.max(0).values - low + reach + 1
     index = torch.full(size.tolist(), len(bins), dtype=torch.long, device=bins.device)
     index[tuple((cells - low).T)] = torch.arange(len(bins), device=bins.device)
-    steps = torch.arange(-reach, reach + 1, device=bins.device)  # a cell's offsets to its window
-    return {"index": index, "low": low, "size": size, "grid": grid, "reach": reach, "steps": steps}
+    steps = torch.arange(-reach, reach + 1, device=bins.device)
+    offsets = (steps[:, None] * size[1] + steps).flatten()  # (2r + 1)^2 offsets, row by row
+    far = torch.full_like(bins[:1], float("inf"))  # index Q: no bin, never among the nearest
+    a, b = torch.cat([bins, far]).T.contiguous()
+    return {"index": index.flatten(), "low": low, "size": size, "grid": grid, "reach": reach, "offsets": offsets,
+            "a": a, "b": b}
 
 
-def nearest_bins(d2: torch.Tensor, flat: torch.Tensor, table: dict, k: int):
-    """d2.topk(k, largest=False) for ab values, found among the bins of the (2r + 1) x
-    (2r + 1) cells around each pixel's own cell (r = reach) rather than among all Q bins
-    (as colorization.py, which says why it is exact); the rest get the full search."""
+def nearest_bins(flat: torch.Tensor, table: dict, k: int):
+    """squared_distances(flat, bins).topk(k, largest=False) for ab values, found among the
+    bins of the (2r + 1) x (2r + 1) cells around each pixel's own cell (r = reach), the
+    distances taken to those bins only (as colorization.py, which says why it is exact);
+    the rest get the full search."""
     r, grid = table["reach"], table["grid"]
     own = torch.round(flat / grid).long() - table["low"]  # the pixel's cell, in table coordinates
     inside = ((own >= r) & (own < table["size"] - r)).all(1)
     own = torch.where(inside[:, None], own, r)  # (pixels outside the box: any cell; searched in full below)
-    steps = table["steps"]
-    window = table["index"][own[:, :1, None] + steps[:, None], own[:, 1:, None] + steps].flatten(1)  # P x (2r+1)^2
-    near_d2, j = F.pad(d2, (0, 1), value=float("inf")).gather(1, window).topk(k, dim=1, largest=False)
+    cell = own[:, 0] * table["size"][1] + own[:, 1]  # in the flat table
+    window = lookup(table["index"], cell[:, None] + table["offsets"])  # P x (2r+1)^2 bin indices
+    a, b = lookup(table["a"].to(flat), window) - flat[:, :1], lookup(table["b"].to(flat), window) - flat[:, 1:]
+    near_d2, j = (a * a + b * b).topk(k, dim=1, largest=False)
     near = window.gather(1, j)
     full = ~inside | (near_d2[:, -1] > ((r + 0.5) * grid) ** 2)
     if full.any():
-        near_d2[full], near[full] = d2[full].topk(k, dim=1, largest=False)
+        bins = torch.stack([table["a"][:-1], table["b"][:-1]], 1).to(flat)
+        near_d2[full], near[full] = squared_distances(flat[full], bins).topk(k, dim=1, largest=False)
     return near_d2, near
+
+
+def lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[index] for 1-d values and a (P, m) index, by a gather (as colorization.py)."""
+    return values.expand(len(index), -1).gather(1, index)
 
 
 def turn_hues(lab: torch.Tensor) -> torch.Tensor:
