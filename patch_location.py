@@ -27,6 +27,7 @@ Departures from the paper (docs/patch_location.md, with their measured effects):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,16 +95,14 @@ def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int, sizes:
     centre = origin + step  # the middle cell
     corners = torch.stack([centre, centre + offset * step], dim=1)  # (N, 2, 2): centre, neighbour
     corners = corners + torch.randint(-jitter, jitter + 1, corners.shape, device=dev)  # independent jitter
-    batch = torch.arange(n, device=dev).view(n, 1, 1)
     r = torch.arange(patch, device=dev)
-    hwc = images.permute(0, 2, 3, 1)
-    centre, neighbour = (hwc[batch, corners[:, i, 0].view(n, 1, 1) + r.view(1, -1, 1),
-                             corners[:, i, 1].view(n, 1, 1) + r.view(1, 1, -1)].permute(0, 3, 1, 2)
-                         for i in (0, 1))
-    centre, neighbour = centre.contiguous(), neighbour.contiguous()
-    if centre.dtype == torch.uint8:  # patches of photos: float in [0, 1], as a float batch's
-        centre, neighbour = centre.float().div_(255), neighbour.float().div_(255)
-    return centre, neighbour, labels, corners
+    rows = corners[:, :, 0, None, None] + r.view(1, 1, -1, 1)  # (N, 2, p, 1): centre's, neighbour's
+    cols = corners[:, :, 1, None, None] + r.view(1, 1, 1, -1)  # (N, 2, 1, p)
+    pairs = images.permute(0, 2, 3, 1)[torch.arange(n, device=dev).view(n, 1, 1, 1), rows, cols]  # (N, 2, p, p, C)
+    pairs = pairs.permute(0, 1, 4, 2, 3).to(torch.float, memory_format=torch.contiguous_format)  # (N, 2, C, p, p)
+    if images.dtype == torch.uint8:  # cut from uint8 pixels: float in [0, 1], as a float batch's
+        pairs.div_(255)
+    return pairs[:, 0], pairs[:, 1], labels, corners
 
 
 def drop_colour(x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +132,7 @@ def downsample_some(patches: tuple[torch.Tensor, ...], p: float) -> tuple[torch.
     does this to a third of its 96 px patches (as few as 100 pixels), so that the network
     cannot tell neighbours by their shared sharpness or pixel grain. `patches`: tensors
     (N, C, s, s) of one patch size (the centres, the neighbours), each patch drawn on its
-    own; those of one size are resized together, whichever tensor they are in."""
+    own; all of them are resized in one product (down_up)."""
     side = patches[0].shape[-1]
     chosen, sides = [], []
     for x in patches:
@@ -143,11 +142,25 @@ def downsample_some(patches: tuple[torch.Tensor, ...], p: float) -> tuple[torch.
         sides.append((area.sqrt() * side).long().clamp(min=1))
     x, chosen, sides = torch.cat(patches), torch.cat(chosen), torch.cat(sides)
     out = x.clone()
-    for s in sides[chosen].unique().tolist():
-        i = chosen & (sides == s)
-        small = F.interpolate(x[i], size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        out[i] = F.interpolate(small, size=(side, side), mode="bilinear", align_corners=False)
+    m = down_up(side, x.device).to(x.dtype)[sides[chosen]].unsqueeze(1)  # (chosen, 1, side, side)
+    out[chosen] = m @ x[chosen] @ m.transpose(-1, -2)
     return out.split([len(x) for x in patches])
+
+
+@functools.lru_cache
+def down_up(side: int, device: torch.device) -> torch.Tensor:
+    """M (side + 1, side, side): M[s] @ X @ M[s].T is the side x side patch X resized to
+    s x s (F.interpolate, bilinear, antialiased) and back (bilinear), for s in 1..side
+    (M[0] unused). Both resizes are separable, a 1-d resize along each axis, so each is a
+    matrix on either side of X; M[s] = up @ down, computed once (in float64)."""
+    eye, m = torch.eye(side, dtype=torch.float64), [torch.eye(side, dtype=torch.float64)]
+    for s in range(1, side + 1):
+        down = F.interpolate(eye.view(side, 1, 1, side), size=(1, s), mode="bilinear", antialias=True,
+                             align_corners=False).view(side, s).T  # (s, side): row k, output pixel k
+        up = F.interpolate(torch.eye(s, dtype=torch.float64).view(s, 1, 1, s), size=(1, side), mode="bilinear",
+                           align_corners=False).view(s, side).T  # (side, s)
+        m.append(up @ down)
+    return torch.stack(m).to(device)
 
 
 def normalize_patches(x: torch.Tensor) -> torch.Tensor:
@@ -225,8 +238,10 @@ def train(args: Args):
     monitor = (data, lambda: PatchNormalizedEncoder(net.backbone))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr, warmup))
-        x = run.to_device(images)  # photos stay whole (WholeImages): the grid lands anywhere in each
-        pixels, sizes = (x.pixels, x.sizes) if isinstance(x, common.WholeImages) else (x, None)
+        # uint8 pixels: only the patches cut from them become floats (sample_pairs), a tenth of
+        # the pixels. Photos stay whole (WholeImages): the grid lands anywhere in each.
+        pixels, sizes = (images.pixels, images.sizes) if isinstance(images, common.WholeImages) else (images, None)
+        pixels, sizes = pixels.to(run.device, non_blocking=True), sizes if sizes is None else sizes.to(run.device)
         centre, neighbour, y = prepare_patches(pixels, args, sizes=sizes)  # (N, 3, p, p) x 2, (N,): the free labels
         with run.autocast():
             logits = model(run.format(centre), run.format(neighbour))  # (N, 8)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import patch_location as pl
 from conftest import differences_between_processes, torchrun
@@ -102,6 +103,20 @@ def test_downsampling_blurs_the_chosen_share_of_patches():
     roughness = lambda t: (t[..., 1:] - t[..., :-1]).abs().mean((1, 2, 3))  # noqa: E731
     assert (roughness(out[changed]) < roughness(x[changed])).float().mean() > 0.95  # they lost detail
     assert torch.equal(pl.downsample_some((x,), 0.0)[0], x)
+
+
+def test_down_up_matrices_are_the_two_resizes():
+    """downsample_some resizes every chosen patch at once by M[s] @ X @ M[s].T; that is
+    F.interpolate down to s x s (bilinear, antialiased) and back up (bilinear), patch by
+    patch, for every size s, on patches of a few sides."""
+    torch.manual_seed(0)
+    for side in (16, 9):
+        x = torch.rand(side + 1, 3, side, side)
+        m = pl.down_up(side, x.device)
+        for s in range(1, side + 1):
+            small = F.interpolate(x[s:s + 1], size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            reference = F.interpolate(small, size=(side, side), mode="bilinear", align_corners=False)
+            assert torch.allclose(m[s].float() @ x[s] @ m[s].float().T, reference[0], atol=1e-5)
 
 
 def test_colour_dropping_keeps_one_channel_and_noises_the_others():
