@@ -126,6 +126,8 @@ def test_tiles_are_normalised_one_by_one():
     out = jigsaw.normalize_tiles(tiles)
     assert out.mean((-2, -1)).abs().max() < 1e-5
     assert ((out.std((-2, -1)) - 1).abs() < 0.05).all()
+    mean, std = tiles.mean((-2, -1), keepdim=True), tiles.std((-2, -1), keepdim=True)  # unbiased, per tile and channel
+    assert torch.allclose(out, (tiles - mean) / (std + 1e-2), atol=1e-5)
     flat = jigsaw.normalize_tiles(torch.full((1, 9, 3, 10, 10), 0.7))
     assert flat.abs().max() == 0  # a flat tile stays flat, no noise is blown up
 
