@@ -81,7 +81,7 @@ def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int, sizes:
     of different sizes in one padded batch), and the grid lands anywhere inside it, as the
     paper samples from the whole image. Also returns the patches' top-left corners
     (N, 2, 2: centre/neighbour, y/x) for the tests."""
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     dev = images.device
     sizes = sizes.to(dev) if sizes is not None else torch.tensor([[h, w]], device=dev)
     if int(sizes.min()) < grid_span(patch, gap, jitter):
@@ -96,9 +96,8 @@ def sample_pairs(images: torch.Tensor, patch: int, gap: int, jitter: int, sizes:
     corners = torch.stack([centre, centre + offset * step], dim=1)  # (N, 2, 2): centre, neighbour
     corners = corners + torch.randint(-jitter, jitter + 1, corners.shape, device=dev)  # independent jitter
     r = torch.arange(patch, device=dev)
-    c = images.shape[1]
     rows = corners[:, :, None, :1, None] + r.view(-1, 1)  # (N, 2, 1, p, 1): centre's, neighbour's
-    cols = corners[:, :, None, 1:, None].transpose(-1, -2) + r  # (N, 2, 1, 1, p)
+    cols = corners[:, :, None, 1:, None] + r  # (N, 2, 1, 1, p)
     plane = (torch.arange(n, device=dev).view(n, 1, 1, 1, 1) * c + torch.arange(c, device=dev).view(1, 1, c, 1, 1))
     # Pixel (y, x) of channel ch of image b by its flat index: one gather (take), faster on a CPU
     # than indexing with three index tensors.
