@@ -30,6 +30,8 @@ optimizer line, then train() and test() per epoch of its 200-epoch schedule).
 
     python benchmarks/official_curve.py --data-dir data/cifar10-jpg --epochs 1 --out runs/demo-curve \
         --demo-notebook moco/colab/moco_cifar10_demo.ipynb
+        # stopped? the same command with --resume goes on after its last epoch (its state is
+        # kept after each: model and queue, optimizer, random state), as if never stopped
 
 With --demo-notebook and --checkpoint (a moco.py checkpoint, such as <out>/moco/checkpoint.pt
 of a curve) nothing trains: that checkpoint's f_q is measured by the demo's own test(), its
@@ -91,7 +93,8 @@ def parse(argv=None):
                                                     "the demo's test(), training nothing")
     p.add_argument("--out", required=True, help="folder for moco.py's run and the table")
     p.add_argument("--resume", action="store_true", help="continue the curve in --out where it stopped: the epochs "
-                                                        "measured are kept, moco.py goes on from its checkpoint")
+                                                        "measured are kept, moco.py goes on from its checkpoint "
+                                                        "(with --demo-notebook: the demo's code from its last epoch)")
     p.add_argument("--result", default="", help="also keep the raw result here, results/<name>.json, which "
                                                 "benchmarks/report.py renders (the curve's: rewritten after every epoch)")
     p.add_argument("--save-every", type=float, default=10.0, help="minutes between moco.py's checkpoints inside an "
@@ -190,12 +193,19 @@ def demo_table(rows: list[dict], random: float, wall: float, started: float | No
 
 
 def demo_curve(a, out: Path, given: str) -> dict:
-    """The demo's own code for --epochs epochs, measured by its own test() (see the docstring)."""
+    """The demo's own code for --epochs epochs, measured by its own test() (see the docstring).
+    After each epoch its state (the model with its queue, the optimizer, the random state,
+    the figures, the time so far) goes to <out>/demo/state.pt; --resume goes on from there,
+    as the uninterrupted run would (the random state restored: the same batches follow)."""
     import reference_speed
-    started = time.time()
     notebook = Path(a.demo_notebook)
     if not notebook.is_file():
         common.fail(f"--demo-notebook not found: {notebook}")
+    state_path = out / "demo" / "state.pt"
+    if a.resume and not state_path.is_file():
+        common.fail(f"--resume: {out} holds no demo run to continue (start it without --resume)")
+    if not a.resume and state_path.is_file():
+        common.fail(f"--out {out} holds a demo run already; continue it with --resume, or choose another --out")
     ns = reference_speed.moco_demo(notebook, Path(a.data_dir), a.seed, a.workers, out / "demo", test_split=True)
     # The first line of its training-loop cell, as it is: SGD over the model's parameters.
     exec(next(line for line in ns["training_loop"].splitlines() if line.startswith("optimizer =")), ns)
@@ -204,15 +214,28 @@ def demo_curve(a, out: Path, given: str) -> dict:
     def test(epoch):
         return ns["test"](model.encoder_q, ns["memory_loader"], ns["test_loader"], epoch, args)
 
-    random = test(0)
-    print(f"[curve] the demo's code, random init: {random:.2f}", flush=True)
-    rows = []
-    for epoch in range(1, a.epochs + 1):  # as its training loop: train() then test(), epoch by epoch
+    if a.resume:
+        kept = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(kept["model"])
+        ns["optimizer"].load_state_dict(kept["optimizer"])
+        torch.set_rng_state(kept["rng"])
+        random, rows = kept["random_init"], kept["epochs"]
+        started = time.time() - kept["seconds"]  # the wall time of all sittings
+        print(f"[curve] the demo's code, continuing after epoch {len(rows)}", flush=True)
+    else:
+        started = time.time()
+        random, rows = test(0), []
+        print(f"[curve] the demo's code, random init: {random:.2f}", flush=True)
+    for epoch in range(len(rows) + 1, a.epochs + 1):  # as its training loop: train() then test(), epoch by epoch
         loss = ns["train"](model, ns["train_loader"], ns["optimizer"], epoch, args)
         rows.append({"epoch": epoch, "head": test(epoch), "loss": loss})
         print(f"[curve] the demo's code, epoch {epoch}: {rows[-1]['head']:.2f} (its log {DEMO_LOG.get(epoch)}), "
               f"loss {loss:.3f}", flush=True)
         (out / "curve.json").write_text(json.dumps({"random_init": random, "epochs": rows}, indent=2) + "\n")
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": ns["optimizer"].state_dict(), "rng": torch.get_rng_state(),
+                    "random_init": random, "epochs": rows, "seconds": time.time() - started}, f"{state_path}.tmp")
+        Path(f"{state_path}.tmp").replace(state_path)  # whole or not at all
         if a.minutes and time.time() - started > 60 * a.minutes:
             print(f"[curve] past --minutes {a.minutes:g} after epoch {epoch}: stopping here", flush=True)
             break

@@ -399,6 +399,34 @@ def test_official_curve_runs_the_demos_own_code_and_its_own_monitor(tiny_folder,
     assert missing.returncode != 0 and "--demo-notebook not found" in missing.stderr
 
 
+def test_a_stopped_demo_curve_resumes_as_if_never_stopped(tiny_folder, tmp_path):
+    """--demo-notebook --resume: the demo's code goes on after its last epoch from the kept
+    state (model and queue, optimizer, random state): one epoch, then --resume to three,
+    gives the figures of three epochs in one go, without training or testing again."""
+    notebook = tmp_path / "demo.ipynb"
+    notebook.write_text(json.dumps({"cells": [{"cell_type": "code", "source": c} for c in DEMO_CELLS]}))
+
+    def curve(out, epochs, *more):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official_curve.py"), "--data-dir",
+                               str(tiny_folder), "--epochs", str(epochs), "--workers", "0", "--demo-notebook",
+                               str(notebook), "--out", str(out), *more], capture_output=True, text=True,
+                              env=script_env())
+        return done, (json.loads((out / "curve.json").read_text()) if done.returncode == 0 else None)
+
+    _, whole = curve(tmp_path / "whole", 3)
+    first, _ = curve(tmp_path / "stopped", 1)
+    assert first.returncode == 0, first.stderr
+    again, _ = curve(tmp_path / "stopped", 3)  # without --resume: refused, nothing overwritten
+    assert again.returncode != 0 and "continue it with --resume" in again.stderr
+    resumed, kept = curve(tmp_path / "stopped", 3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert kept == whole and [e["epoch"] for e in kept["epochs"]] == [1, 2, 3]
+    calls = (tmp_path / "stopped" / "demo" / "calls.txt").read_text().split("\n")[:-1]
+    assert calls == ["test 0 60", "train 1 10", "test 1 60", "train 2 10", "test 2 60", "train 3 10", "test 3 60"]
+    fresh, _ = curve(tmp_path / "none", 2, "--resume")
+    assert fresh.returncode != 0 and "holds no demo run to continue" in fresh.stderr
+
+
 def test_official_curve_measures_a_moco_checkpoint_with_the_demos_monitor(tiny_folder, tmp_path):
     """--demo-notebook --checkpoint: moco.py's f_q fed the demo's normalised input gives what
     it gives on the pixels; both monitors' figures in one table; no checkpoint, no run."""
