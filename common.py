@@ -1014,7 +1014,7 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
                         size: int | None = None) -> torch.Tensor:
     """Per-image random crop of `scale` of the area and aspect `ratio`, resized to the
     output size (bilinear), and a random horizontal flip: torchvision's RandomResizedCrop
-    and RandomHorizontalFlip, batched. A crop that would leave the image is shrunk to fit.
+    and RandomHorizontalFlip, batched, its crops drawn as it draws them (crop_sides).
 
     x: (N, C, H, W) float, cropped back to its own size; or WholeImages (uint8 or float
     pixels), each crop a share of its own image's area, anywhere in it, resized to
@@ -1023,16 +1023,15 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     pixels = x.pixels if whole else x
     n, c, h, w = pixels.shape
     dev = pixels.device
-    area = torch.empty(n, device=dev).uniform_(*scale)
-    aspect = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    if whole:
-        hw = x.sizes.to(dev, torch.float32)
-        shape = hw[:, 0] / hw[:, 1]  # h / w of each image: the crop's area is a share of h * w
-        cw, ch = (area * aspect * shape).sqrt().clamp(max=1.0), (area / aspect / shape).sqrt().clamp(max=1.0)
-    else:
-        cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of w, h
-    cx = (torch.rand(n, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
-    cy = (torch.rand(n, device=dev) * (1 - ch) + ch / 2) * 2 - 1
+    hw = x.sizes if whole else torch.tensor([[h, w]]).expand(n, 2)  # each image's own size
+    cw, ch, drawn = crop_sides(n, scale, ratio, hw, dev)  # fractions of each image's w, h
+    # The crop's corner at a whole pixel, as torchvision's (randint over the places it fits),
+    # given as its centre in [-1, 1]; no draw fitted: the centre crop.
+    side_h, side_w = hw.to(dev, torch.float32).unbind(1)
+    pw, ph = cw * side_w, ch * side_h  # whole pixels
+    cx = ((torch.rand(n, device=dev) * (side_w - pw + 1)).floor() + pw / 2) / side_w * 2 - 1
+    cy = ((torch.rand(n, device=dev) * (side_h - ph + 1)).floor() + ph / 2) / side_h * 2 - 1
+    cx, cy = cx * drawn, cy * drawn
     sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
     if whole:
         return crop_whole(x, cw, ch, cx, cy, sign, size)
@@ -1040,6 +1039,30 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def crop_sides(n: int, scale, ratio, hw: torch.Tensor, device, tries: int = 10):
+    """(cw, ch, drawn): n crops as fractions of their images' width and height, drawn as
+    torchvision's RandomResizedCrop.get_params draws them: up to `tries` draws of an area
+    share (uniform in `scale`) and an aspect w / h (log-uniform in `ratio`), the crop's
+    sides rounded to whole pixels; the first that fits inside the image is kept. A draw
+    that does not fit is drawn again, not shrunk to fit: shrinking would keep more large
+    crops (at 32 px, scale 0.08-1, a mean crop of 53% of the image instead of 49%). An
+    image with no fitting draw (drawn False) gets the whole image cut to the nearest
+    aspect in `ratio`, as there (centred by the caller). hw: (n, 2) each image's height
+    and width in px. All tries are drawn at once."""
+    area = torch.empty(n, tries, device=device).uniform_(*scale)
+    aspect = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    h, w = hw[:, :1].to(device, torch.float32), hw[:, 1:].to(device, torch.float32)
+    pw, ph = (area * aspect * h * w).sqrt().round(), (area / aspect * h * w).sqrt().round()  # px
+    fits = (pw > 0) & (pw <= w) & (ph > 0) & (ph <= h)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 where none does)
+    drawn = fits.any(1)
+    own = (w / h)[:, 0]  # each image's own aspect
+    fw = torch.where(own > ratio[1], (h[:, 0] * ratio[1]).round() / w[:, 0], 1.0)  # wider than allowed: narrower
+    fh = torch.where(own < ratio[0], (w[:, 0] / ratio[0]).round() / h[:, 0], 1.0)  # taller than allowed: lower
+    cw, ch = pw.gather(1, first)[:, 0] / w[:, 0], ph.gather(1, first)[:, 0] / h[:, 0]
+    return torch.where(drawn, cw, fw), torch.where(drawn, ch, fh), drawn
 
 
 def centre_squares(x: WholeImages, size: int) -> torch.Tensor:
