@@ -352,13 +352,27 @@ def _mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (N, 3, H, W) -> Lab with L in [0, 100] (CIE 1976, D65)."""
-    rgb = rgb.clamp(0, 1)
-    # sRGB transfer function; the clamp keeps pow's gradient finite at 0.
-    linear = select(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = _mix(_RGB_TO_XYZ, linear) / _D65.to(rgb).view(1, 3, 1, 1)
-    f = select(xyz > _DELTA ** 3, xyz.clamp(min=_DELTA ** 3) ** (1 / 3), xyz / (3 * _DELTA ** 2) + 4 / 29)
+    xyz = _mix(_RGB_TO_XYZ, _linear_rgb(rgb)) / _D65.to(rgb).view(1, 3, 1, 1)
+    f = _lab_f(xyz)
     fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def lightness(rgb: torch.Tensor) -> torch.Tensor:
+    """rgb_to_lab's L alone, (N, 1, H, W): from Y only (D65's Y is 1), a third of the work,
+    for a method that needs L at full size and ab at fewer pixels (colorization)."""
+    return 116 * _lab_f(_mix(_RGB_TO_XYZ[1:2], _linear_rgb(rgb))) - 16
+
+
+def _linear_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """The sRGB transfer function undone; the clamp keeps pow's gradient finite at 0."""
+    rgb = rgb.clamp(0, 1)
+    return select(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+
+
+def _lab_f(t: torch.Tensor) -> torch.Tensor:
+    """CIE Lab's f: the cube root, linear near 0."""
+    return select(t > _DELTA ** 3, t.clamp(min=_DELTA ** 3) ** (1 / 3), t / (3 * _DELTA ** 2) + 4 / 29)
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
