@@ -1160,10 +1160,9 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p: float = 0.8):
-    """torchvision's ColorJitter with probability p, batched: each image draws its own factors.
-
-    Applied in a fixed order (brightness, contrast, saturation, hue); torchvision
-    shuffles the order per image, which changes little."""
+    """torchvision's ColorJitter with probability p, batched: each image draws its own
+    factors and its own order of the four adjustments, as torchvision does (a randperm of
+    four per image; SimCLR's code: random_order=True)."""
     n, dev = len(x), x.device
 
     def factor(strength):
@@ -1171,23 +1170,46 @@ def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, 
 
     b, c, s = factor(brightness), factor(contrast), factor(saturation)  # drawn in this order, then the hue
     shift = torch.empty(n, 1, 1, device=dev).uniform_(-hue, hue)
+    order = torch.rand(n, 4, device=dev).argsort(1)  # each image's own order of the four
     apply = torch.rand(n, 1, 1, 1, device=dev) < p
     # every image jittered, those not drawn for it kept as they came: each image's jitter is
     # its own, so this equals jittering only the drawn ones, without gathering them.
-    return select(apply, jitter_colours(x, b, c, s, shift), x)
+    return select(apply, jitter_colours(x, b, c, s, shift, order), x)
 
 
-def jitter_colours(x: torch.Tensor, b, c, s, shift) -> torch.Tensor:
+def jitter_colours(x: torch.Tensor, b, c, s, shift, order: torch.Tensor | None = None) -> torch.Tensor:
     """Brightness, contrast, saturation by the factors b, c, s (N, 1, 1, 1) and hue by shift
     (N, 1, 1, a fraction of the circle), each as torchvision's adjust_*: a blend
     f img + (1 - f) other, clamped to [0, 1] (other: black, the grey image's mean, the grey
-    image), in place on one copy of x; then the hue (_shift_hue)."""
-    out = (x * b).clamp_(0, 1)
-    mean = _grey(out).mean((1, 2, 3), keepdim=True)
-    out = out.mul_(c).add_(mean * (1 - c)).clamp_(0, 1)
-    grey = _grey(out).mul_(1 - s)
-    out = out.mul_(s).add_(grey).clamp_(0, 1)
-    return _shift_hue(out, shift)
+    image); the hue by _shift_hue. order (N, 4): each image's adjustments in its own order
+    (0 brightness, 1 contrast, 2 saturation, 3 hue); None: in that order for all. The
+    clamps make the order matter (and saturation and hue do not commute even without them)."""
+    adjust, factors = (_brightness, _contrast, _saturation, _shift_hue), (b, c, s, shift)
+    out = x.clone()
+    if order is None:
+        for j in range(4):
+            out = adjust[j](out, factors[j])
+        return out
+    for k in range(4):  # each image's k-th adjustment: each of the four on the images whose k-th it is
+        for j in range(4):
+            i = (order[:, k] == j).nonzero().squeeze(1)
+            if len(i):
+                out[i] = adjust[j](out[i], factors[j][i])
+    return out
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # in place: x * f, clamped
+    return x.mul_(f).clamp_(0, 1)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # in place: towards the grey image's mean
+    mean = _grey(x).mean((1, 2, 3), keepdim=True)
+    return x.mul_(f).add_(mean * (1 - f)).clamp_(0, 1)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # in place: towards the grey image
+    grey = _grey(x).mul_(1 - f)
+    return x.mul_(f).add_(grey).clamp_(0, 1)
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
