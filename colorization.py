@@ -164,11 +164,12 @@ def rebalance_weights(prior: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
     return w / (prior * w).sum()
 
 
-def ab_at(ab: torch.Tensor, size: int) -> torch.Tensor:
-    """The targets' ab at the output's size (H/4): the pixel at every 4th row and column,
-    as the released code takes them (a fixed 1x1 convolution of stride 4). 4x4 means
-    would blend the colours on either side of an edge into bins that no pixel has."""
-    return F.interpolate(ab, size=(size, size), mode="nearest")
+def ab_at(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The pixels the targets are taken at, at the output's size (H/4): every 4th row and
+    column, as the released code takes them (a fixed 1x1 convolution of stride 4). 4x4
+    means would blend the colours on either side of an edge into bins that no pixel has.
+    x: ab, or the RGB image (Lab is per pixel: the same ab, with 1/16 of the conversion)."""
+    return F.interpolate(x, size=(size, size), mode="nearest")
 
 
 def split_lab(x: torch.Tensor):
@@ -267,8 +268,8 @@ def train(args: Args):
     for step, (images, _) in run.steps(loader, parts, monitor=monitor, epoch_end=redraw):
         lr = common.set_lr(optimizer, common.cosine_lr(step, total_steps, args.lr))
         x = augment(run.to_device(images), args)  # (N, 3, S, S)
-        L, ab = split_lab(x)  # (N, 1, H, W), (N, 2, H, W)
-        ab = ab_at(ab, net.out_size)  # targets at the output size, H/4
+        L = common.lightness(x) / 50 - 1  # (N, 1, H, W), scaled as split_lab's
+        ab = common.rgb_to_lab(ab_at(x, net.out_size))[:, 1:]  # targets at the output size, H/4: (N, 2, h, w)
         with run.autocast():
             out = model(run.format(L)).float()  # (N, Q or 2, H/4, W/4)
         if args.loss == "classification":

@@ -352,13 +352,27 @@ def _mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], (N, 3, H, W) -> Lab with L in [0, 100] (CIE 1976, D65)."""
-    rgb = rgb.clamp(0, 1)
-    # sRGB transfer function; the clamp keeps pow's gradient finite at 0.
-    linear = select(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = _mix(_RGB_TO_XYZ, linear) / _D65.to(rgb).view(1, 3, 1, 1)
-    f = select(xyz > _DELTA ** 3, xyz.clamp(min=_DELTA ** 3) ** (1 / 3), xyz / (3 * _DELTA ** 2) + 4 / 29)
+    xyz = _mix(_RGB_TO_XYZ, _linear_rgb(rgb)) / _D65.to(rgb).view(1, 3, 1, 1)
+    f = _lab_f(xyz)
     fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def lightness(rgb: torch.Tensor) -> torch.Tensor:
+    """rgb_to_lab's L alone, (N, 1, H, W): from Y only (D65's Y is 1), a third of the work,
+    for a method that needs L at full size and ab at fewer pixels (colorization)."""
+    return 116 * _lab_f(_mix(_RGB_TO_XYZ[1:2], _linear_rgb(rgb))) - 16
+
+
+def _linear_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """The sRGB transfer function undone; the clamp keeps pow's gradient finite at 0."""
+    rgb = rgb.clamp(0, 1)
+    return select(rgb > 0.04045, ((rgb.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+
+
+def _lab_f(t: torch.Tensor) -> torch.Tensor:
+    """CIE Lab's f: the cube root, linear near 0."""
+    return select(t > _DELTA ** 3, t.clamp(min=_DELTA ** 3) ** (1 / 3), t / (3 * _DELTA ** 2) + 4 / 29)
 
 
 def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
@@ -1014,7 +1028,7 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
                         size: int | None = None) -> torch.Tensor:
     """Per-image random crop of `scale` of the area and aspect `ratio`, resized to the
     output size (bilinear), and a random horizontal flip: torchvision's RandomResizedCrop
-    and RandomHorizontalFlip, batched. A crop that would leave the image is shrunk to fit.
+    and RandomHorizontalFlip, batched, its crops drawn as it draws them (crop_sides).
 
     x: (N, C, H, W) float, cropped back to its own size; or WholeImages (uint8 or float
     pixels), each crop a share of its own image's area, anywhere in it, resized to
@@ -1023,16 +1037,15 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     pixels = x.pixels if whole else x
     n, c, h, w = pixels.shape
     dev = pixels.device
-    area = torch.empty(n, device=dev).uniform_(*scale)
-    aspect = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    if whole:
-        hw = x.sizes.to(dev, torch.float32)
-        shape = hw[:, 0] / hw[:, 1]  # h / w of each image: the crop's area is a share of h * w
-        cw, ch = (area * aspect * shape).sqrt().clamp(max=1.0), (area / aspect / shape).sqrt().clamp(max=1.0)
-    else:
-        cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of w, h
-    cx = (torch.rand(n, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
-    cy = (torch.rand(n, device=dev) * (1 - ch) + ch / 2) * 2 - 1
+    hw = x.sizes if whole else torch.tensor([[h, w]]).expand(n, 2)  # each image's own size
+    cw, ch, drawn = crop_sides(n, scale, ratio, hw, dev)  # fractions of each image's w, h
+    # The crop's corner at a whole pixel, as torchvision's (randint over the places it fits),
+    # given as its centre in [-1, 1]; no draw fitted: the centre crop.
+    side_h, side_w = hw.to(dev, torch.float32).unbind(1)
+    pw, ph = cw * side_w, ch * side_h  # whole pixels
+    cx = ((torch.rand(n, device=dev) * (side_w - pw + 1)).floor() + pw / 2) / side_w * 2 - 1
+    cy = ((torch.rand(n, device=dev) * (side_h - ph + 1)).floor() + ph / 2) / side_h * 2 - 1
+    cx, cy = cx * drawn, cy * drawn
     sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
     if whole:
         return crop_whole(x, cw, ch, cx, cy, sign, size)
@@ -1040,6 +1053,30 @@ def random_resized_crop(x, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool =
     theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def crop_sides(n: int, scale, ratio, hw: torch.Tensor, device, tries: int = 10):
+    """(cw, ch, drawn): n crops as fractions of their images' width and height, drawn as
+    torchvision's RandomResizedCrop.get_params draws them: up to `tries` draws of an area
+    share (uniform in `scale`) and an aspect w / h (log-uniform in `ratio`), the crop's
+    sides rounded to whole pixels; the first that fits inside the image is kept. A draw
+    that does not fit is drawn again, not shrunk to fit: shrinking would keep more large
+    crops (at 32 px, scale 0.08-1, a mean crop of 53% of the image instead of 49%). An
+    image with no fitting draw (drawn False) gets the whole image cut to the nearest
+    aspect in `ratio`, as there (centred by the caller). hw: (n, 2) each image's height
+    and width in px. All tries are drawn at once."""
+    area = torch.empty(n, tries, device=device).uniform_(*scale)
+    aspect = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    h, w = hw[:, :1].to(device, torch.float32), hw[:, 1:].to(device, torch.float32)
+    pw, ph = (area * aspect * h * w).sqrt().round(), (area / aspect * h * w).sqrt().round()  # px
+    fits = (pw > 0) & (pw <= w) & (ph > 0) & (ph <= h)
+    first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 where none does)
+    drawn = fits.any(1)
+    own = (w / h)[:, 0]  # each image's own aspect
+    fw = torch.where(own > ratio[1], (h[:, 0] * ratio[1]).round() / w[:, 0], 1.0)  # wider than allowed: narrower
+    fh = torch.where(own < ratio[0], (w[:, 0] / ratio[0]).round() / h[:, 0], 1.0)  # taller than allowed: lower
+    cw, ch = pw.gather(1, first)[:, 0] / w[:, 0], ph.gather(1, first)[:, 0] / h[:, 0]
+    return torch.where(drawn, cw, fw), torch.where(drawn, ch, fh), drawn
 
 
 def centre_squares(x: WholeImages, size: int) -> torch.Tensor:
@@ -1123,10 +1160,9 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p: float = 0.8):
-    """torchvision's ColorJitter with probability p, batched: each image draws its own factors.
-
-    Applied in a fixed order (brightness, contrast, saturation, hue); torchvision
-    shuffles the order per image, which changes little."""
+    """torchvision's ColorJitter with probability p, batched: each image draws its own
+    factors and its own order of the four adjustments, as torchvision does (a randperm of
+    four per image; SimCLR's code: random_order=True)."""
     n, dev = len(x), x.device
 
     def factor(strength):
@@ -1134,23 +1170,46 @@ def color_jitter(x: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.4, 
 
     b, c, s = factor(brightness), factor(contrast), factor(saturation)  # drawn in this order, then the hue
     shift = torch.empty(n, 1, 1, device=dev).uniform_(-hue, hue)
+    order = torch.rand(n, 4, device=dev).argsort(1)  # each image's own order of the four
     apply = torch.rand(n, 1, 1, 1, device=dev) < p
     # every image jittered, those not drawn for it kept as they came: each image's jitter is
     # its own, so this equals jittering only the drawn ones, without gathering them.
-    return select(apply, jitter_colours(x, b, c, s, shift), x)
+    return select(apply, jitter_colours(x, b, c, s, shift, order), x)
 
 
-def jitter_colours(x: torch.Tensor, b, c, s, shift) -> torch.Tensor:
+def jitter_colours(x: torch.Tensor, b, c, s, shift, order: torch.Tensor | None = None) -> torch.Tensor:
     """Brightness, contrast, saturation by the factors b, c, s (N, 1, 1, 1) and hue by shift
     (N, 1, 1, a fraction of the circle), each as torchvision's adjust_*: a blend
     f img + (1 - f) other, clamped to [0, 1] (other: black, the grey image's mean, the grey
-    image), in place on one copy of x; then the hue (_shift_hue)."""
-    out = (x * b).clamp_(0, 1)
-    mean = _grey(out).mean((1, 2, 3), keepdim=True)
-    out = out.mul_(c).add_(mean * (1 - c)).clamp_(0, 1)
-    grey = _grey(out).mul_(1 - s)
-    out = out.mul_(s).add_(grey).clamp_(0, 1)
-    return _shift_hue(out, shift)
+    image); the hue by _shift_hue. order (N, 4): each image's adjustments in its own order
+    (0 brightness, 1 contrast, 2 saturation, 3 hue); None: in that order for all. The
+    clamps make the order matter (and saturation and hue do not commute even without them)."""
+    adjust, factors = (_brightness, _contrast, _saturation, _shift_hue), (b, c, s, shift)
+    out = x.clone()
+    if order is None:
+        for j in range(4):
+            out = adjust[j](out, factors[j])
+        return out
+    for k in range(4):  # each image's k-th adjustment: each of the four on the images whose k-th it is
+        for j in range(4):
+            i = (order[:, k] == j).nonzero().squeeze(1)
+            if len(i):
+                out[i] = adjust[j](out[i], factors[j][i])
+    return out
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # in place: x * f, clamped
+    return x.mul_(f).clamp_(0, 1)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # in place: towards the grey image's mean
+    mean = _grey(x).mean((1, 2, 3), keepdim=True)
+    return x.mul_(f).add_(mean * (1 - f)).clamp_(0, 1)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # in place: towards the grey image
+    grey = _grey(x).mul_(1 - f)
+    return x.mul_(f).add_(grey).clamp_(0, 1)
 
 
 def random_grayscale(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:

@@ -106,6 +106,17 @@ def test_targets_are_pixels_at_the_output_stride_not_means():
     edge = torch.zeros(1, 2, 32, 32)
     edge[..., :, 18:] = 60.0  # the edge inside the 4x4 block of columns 16-19
     assert set(col.ab_at(edge, 8).unique().tolist()) == {0.0, 60.0}
+    # Training takes those pixels of the RGB image and converts only them: the same ab.
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(common.rgb_to_lab(col.ab_at(x, 8))[:, 1:], col.ab_at(col.split_lab(x)[1], 8))
+
+
+def test_lightness_is_the_L_of_lab():
+    """common.lightness (L from Y alone, what training feeds the network) against
+    rgb_to_lab's L, over random colours, greys, black and white."""
+    x = torch.cat([torch.rand(4, 3, 16, 16), torch.rand(1, 1, 16, 16).expand(1, 3, -1, -1),
+                   torch.zeros(1, 3, 16, 16), torch.ones(1, 3, 16, 16)])
+    assert torch.allclose(common.lightness(x), common.rgb_to_lab(x)[:, :1], atol=1e-4)
 
 
 def test_rebalancing_weights_have_prior_mean_one_and_favour_rare_bins():

@@ -308,7 +308,8 @@ def test_select_is_torch_where_bit_for_bit():
 
 def test_colour_jitter_is_torchvisions_adjustments_in_order():
     """Brightness, contrast, saturation, hue by the same factors, image by image, as
-    torchvision's functional adjust_* (the plainly written reference)."""
+    torchvision's functional adjust_* (the plainly written reference): in that order, and
+    in each image's own order, as ColorJitter draws one per image."""
     import torchvision.transforms.v2.functional as TF
     torch.manual_seed(0)
     x = torch.rand(12, 3, 12, 12)
@@ -320,13 +321,17 @@ def test_colour_jitter_is_torchvisions_adjustments_in_order():
     b, c, s = (torch.empty(12, 1, 1, 1).uniform_(0.6, 1.4) for _ in range(3))
     # the demo's hue 0.1 and v1's 0.4: shifts across sector boundaries and around the circle
     shift = torch.cat([torch.empty(6, 1, 1).uniform_(-0.1, 0.1), torch.empty(6, 1, 1).uniform_(-0.5, 0.5)])
-    out = common.jitter_colours(x, b, c, s, shift)
-    for i in range(12):
-        y = TF.adjust_brightness(x[i], float(b[i]))
-        y = TF.adjust_contrast(y, float(c[i]))
-        y = TF.adjust_saturation(y, float(s[i]))
-        y = TF.adjust_hue(y, float(shift[i]))
-        assert (out[i] - y).abs().max() < 1e-4, i  # grey: ITU-R 601's 0.299 red, torchvision's 0.2989
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    orders = torch.stack([torch.randperm(4) for _ in range(12)])
+    assert len({tuple(o) for o in orders.tolist()}) > 6
+    for order in (None, orders):
+        out = common.jitter_colours(x, b, c, s, shift, order)
+        for i in range(12):
+            y = x[i]
+            for j in (range(4) if order is None else order[i].tolist()):
+                y = adjust[j](y, float((b, c, s, shift)[j][i]))
+            assert (out[i] - y).abs().max() < 1e-4, i  # grey: ITU-R 601's 0.299 red, torchvision's 0.2989
+    assert not torch.allclose(common.jitter_colours(x, b, c, s, shift, orders), common.jitter_colours(x, b, c, s, shift))
     # p: which images are jittered at all; the rest are returned as they came
     torch.manual_seed(1)
     kept = common.color_jitter(x, p=0.0)

@@ -136,6 +136,31 @@ def test_a_crop_of_all_of_a_whole_image_is_that_image_resized(batched, size):
         assert torch.equal(random, common.crop_whole(one, n, n, 0 * n, 0 * n, n, size)) or batched
 
 
+def test_crops_are_drawn_as_torchvision_draws_them():
+    """crop_sides against torchvision's RandomResizedCrop.get_params: the same distribution
+    of crop areas and aspects on a 32 px square and on a 40 x 100 photo. A draw that does
+    not fit is drawn again, not shrunk to fit (which would give a mean area of 0.53 at
+    scale 0.08-1 on the square, not 0.49). With no fitting draw: the whole image cut to
+    the nearest allowed aspect."""
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    for h, w in ((32, 32), (40, 100)):
+        cw, ch, drawn = common.crop_sides(20000, (0.08, 1.0), (3 / 4, 4 / 3), torch.tensor([[h, w]]).expand(20000, 2),
+                                          "cpu")
+        area, aspect = cw * ch, (cw * w) / (ch * h)
+        theirs = torch.tensor([RandomResizedCrop.get_params(torch.zeros(1, h, w), [0.08, 1.0], [3 / 4, 4 / 3])[2:]
+                               for _ in range(20000)], dtype=torch.float32)  # (h, w) in px
+        their_area, their_aspect = theirs.prod(1) / (h * w), theirs[:, 1] / theirs[:, 0]
+        assert torch.allclose(area.quantile(q), their_area.quantile(q), atol=0.02), (h, w)
+        assert torch.allclose(aspect.quantile(q), their_aspect.quantile(q), atol=0.05), (h, w)
+        assert abs(area.mean() - their_area.mean()) < 0.01 and drawn.float().mean() > 0.98  # (the photo: 1% fall back)
+    sizes = torch.tensor([[40, 100], [50, 50], [100, 50]])  # a wide photo, a square, a tall one: all of each never fits
+    cw, ch, drawn = common.crop_sides(3, (1.0, 1.0), (3 / 4, 4 / 3), sizes, "cpu")
+    assert not drawn.any()  # torchvision: 53 x 40, 50 x 50 and 50 x 67 px, centred
+    assert torch.allclose(cw, torch.tensor([53 / 100, 1.0, 1.0])) and torch.allclose(ch, torch.tensor([1.0, 1.0, 67 / 100]))
+
+
 def test_crops_come_from_anywhere_in_the_whole_image():
     """An image whose value is its column: small crops land all over it, borders included,
     and never read the padding of the batch."""
