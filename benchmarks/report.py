@@ -184,11 +184,16 @@ SENTENCES = {"answer-curve": answer_curve}  # one sentence from a result, for pr
 SUMMARIES = {"claims-summary": claims_summary}  # a block over whatever results there are: <!-- report: claims-summary -->
 
 
-def _stale_note(records: list[dict]) -> list[str]:
+def _stale_note(records: list[dict], kept: bool = False) -> list[str]:
     changed = sorted({f for record in records for f in stale_files(record)})
     if not changed:
         return []
-    return [f"**Stale:** {', '.join(f'`{f}`' for f in changed)} changed after this was measured; the figures "
+    files = ', '.join(f'`{f}`' for f in changed)
+    if kept:  # an earlier code's result, kept on purpose to compare with the current one
+        commit = re.match(r"Made by commit (\w+)", records[0]["provenance"]).group(1)
+        return [f"**Kept as measured:** {files} changed after this was measured; these are the figures of "
+                f"commit {commit}'s code, kept to compare (its command, run at that commit, measures them again).", ""]
+    return [f"**Stale:** {files} changed after this was measured; the figures "
             f"below are of the earlier code until the command is run again.", ""]
 
 
@@ -198,6 +203,10 @@ def render(spec: str) -> str:
     if spec.startswith("reproduce "):
         return reproduce(spec.split()[1:])
     first = spec.split()[0]
+    kept = first == "kept"  # <!-- report: kept NAME -->: an earlier code's result, not marked stale
+    if kept:
+        spec = spec.split(None, 1)[1]
+        first = spec.split()[0]
     view, *names = spec.split() if first.split(".")[0] in (*VIEWS, *SENTENCES) else (None, spec)
     view, _, option = (view or "").partition(".")
     view = view or None
@@ -207,7 +216,7 @@ def render(spec: str) -> str:
     records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
     if view in SENTENCES:
         return "\n".join(_stale_note(records)) + SENTENCES[view](records) + "\n"
-    lines = _stale_note(records) + [f"    {r['command']}" for r in records] + [""]
+    lines = _stale_note(records, kept) + [f"    {r['command']}" for r in records] + [""]
     table = (VIEWS[view](records, *([option] if option else [])) if view
              else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
     return "\n".join(lines) + "\n" + table + "\n\n" + "\n".join(r["provenance"] for r in records) + "\n"

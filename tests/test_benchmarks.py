@@ -544,6 +544,10 @@ def test_report_renders_a_raw_result_into_its_block_and_marks_it_stale(tmp_path,
     record["code"]["common.py"] = "0" * 64
     (tmp_path / "demo.json").write_text(json.dumps(record))
     assert "**Stale:** `common.py` changed" in report.generated(doc)
+    # an earlier code's result kept on purpose to compare: its commit named, not called stale
+    kept = report.generated(doc.replace("report: demo", "report: kept demo"))
+    assert "Stale" not in kept and f"commit {record['provenance'].split()[3].rstrip(',')}'s code" in kept
+    assert "| the other videos | cows | 0.350 ± 0.071 |" in kept
     assert "Not measured yet: results/other.json" in report.generated(doc.replace("demo", "other"))
 
 
