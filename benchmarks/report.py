@@ -101,6 +101,15 @@ def stale_files(record: dict) -> list[str]:
     return [f for f, digest in record["code"].items() if now.get(f) != digest]
 
 
+def unfinished(record: dict) -> bool:
+    """A curve stopped before the epochs its command asks for (its step goes on with --resume)."""
+    if record["kind"] not in ("official_curve", "demo_curve"):
+        return False
+    asked = re.search(r"--epochs (\d+)", record["command"])
+    done = max((r["epoch"] for r in record["data"]["epochs"]), default=0)
+    return bool(asked) and done < int(asked.group(1))
+
+
 def view_seeds(records: list[dict], method: str = "") -> str:
     """The built-in data's table over seeds: every method's accuracies (and video
     colorization's J), mean ± standard deviation over the compare results given, one a
@@ -234,11 +243,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each file that differs")
     p.add_argument("--fresh", nargs="+", metavar="NAME", help="write nothing; exit 0 if every results/NAME.json is "
-                                                              "there and not stale (tables.sh skips such a step)")
+                                                              "there, not stale and finished (tables.sh skips such a step)")
     a = p.parse_args(argv)
     if a.fresh:
         paths = [RESULTS / f"{n}.json" for n in a.fresh]
-        fresh = all(p.is_file() and not stale_files(json.loads(p.read_text())) for p in paths)
+        fresh = all(p.is_file() and not stale_files(r := json.loads(p.read_text())) and not unfinished(r) for p in paths)
         raise SystemExit(0 if fresh else 1)
     differ = []
     for path in targets():

@@ -551,6 +551,25 @@ def test_report_renders_a_raw_result_into_its_block_and_marks_it_stale(tmp_path,
     assert "Not measured yet: results/other.json" in report.generated(doc.replace("demo", "other"))
 
 
+def test_a_stopped_curve_is_not_fresh_so_its_step_goes_on(tmp_path, monkeypatch):
+    """tables.sh skips a step whose result is fresh: a curve kept after each epoch is not,
+    until it has the epochs its command asks for."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+
+    def curve(last):
+        rows = [{"epoch": e, "head": 30.0 + e, "backbone": 31.0 + e} for e in range(1, last + 1)]
+        registry.save_result(tmp_path / "curve.json", "official_curve", "python benchmarks/official_curve.py --epochs 3",
+                             ["common.py"], {"random_init": {}, "epochs": rows, "seconds": 1.0}, 0.0)
+        with pytest.raises(SystemExit) as stop:
+            report.main(["--fresh", "curve"])
+        return stop.value.code
+
+    assert curve(2) == 1 and curve(3) == 0
+
+
 def test_report_check_passes_on_the_committed_docs():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True)
