@@ -158,6 +158,7 @@ def claims_summary() -> str:
 
 
 NEEDS = {"cifar": "CIFAR-10 as JPEGs (`--cifar`)", "davis": "the DAVIS sample (`--davis`)",
+         "demo": "CIFAR-10 as JPEGs and the MoCo demo's notebook (`--cifar`, `--moco-demo`)",
          "reference": "CIFAR-10 as JPEGs and the reference code (`--cifar`, `--moco-demo`, `--simclr-repo`)"}
 
 
@@ -244,7 +245,13 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each file that differs")
     p.add_argument("--fresh", nargs="+", metavar="NAME", help="write nothing; exit 0 if every results/NAME.json is "
                                                               "there, not stale and finished (tables.sh skips such a step)")
+    p.add_argument("--resumable", metavar="NAME", help="write nothing; exit 0 if results/NAME.json is a curve of the "
+                                                       "current code stopped before its last epoch (tables.sh resumes it)")
     a = p.parse_args(argv)
+    if a.resumable:
+        path = RESULTS / f"{a.resumable}.json"
+        record = json.loads(path.read_text()) if path.is_file() else None
+        raise SystemExit(0 if record and not stale_files(record) and unfinished(record) else 1)
     if a.fresh:
         paths = [RESULTS / f"{n}.json" for n in a.fresh]
         fresh = all(p.is_file() and not stale_files(r := json.loads(p.read_text())) and not unfinished(r) for p in paths)

@@ -35,6 +35,17 @@ runs=runs/tables
 mkdir -p "$runs" results
 all=$(date +%s)
 
+curve_resume() {  # curve_resume NAME DIR: --resume for a curve of this code stopped early; other code's run: start again
+  if python benchmarks/report.py --fresh "$1"; then
+    return  # finished and up to date: its step is skipped, its run kept
+  elif python benchmarks/report.py --resumable "$1"; then
+    echo --resume
+  elif [ -e "$2" ]; then
+    echo "[tables] $1: $2 holds a run of other code or an unfinished first epoch: starting it again" >&2
+    rm -rf "$2"
+  fi
+}
+
 step() {  # step NAME... -- COMMAND: run COMMAND unless every results/NAME.json is there and not stale
   local names=() start
   while [ "$1" != "--" ]; do names+=("$1"); shift; done
@@ -61,11 +72,15 @@ fi
 if [ -n "$cifar" ]; then
   step cifar10 -- python benchmarks/compare.py --dataset folder --data-dir "$cifar" --epochs 3 --out "$runs/cifar10" \
     --methods rotation patch_location jigsaw inpainting colorization split_brain simclr moco --result results/cifar10.json
+  # seed 0 to --curve-epochs (the verdicts); seed 1 for the first epoch (the seed's spread there)
   step official-curve-cpu -- python benchmarks/official_curve.py --data-dir "$cifar" --epochs "$curve_epochs" \
     --out "$runs/official-curve" --result results/official-curve-cpu.json \
-    $([ -f "$runs/official-curve/curve.json" ] && echo --resume)
+    $(curve_resume official-curve-cpu "$runs/official-curve")
+  step official-curve-cpu-s1 -- python benchmarks/official_curve.py --data-dir "$cifar" --epochs 1 --seed 1 \
+    --out "$runs/official-curve-s1" --result results/official-curve-cpu-s1.json \
+    $(curve_resume official-curve-cpu-s1 "$runs/official-curve-s1")
 else
-  echo "[tables] cifar10, official-curve-cpu: skipped (no --cifar DIR)"
+  echo "[tables] cifar10, official-curve-cpu, official-curve-cpu-s1: skipped (no --cifar DIR)"
 fi
 if [ -n "$davis" ]; then
   step davis -- python benchmarks/compare.py --methods video_colorization --davis-dir "$davis" --image-size 96 \
@@ -80,6 +95,16 @@ if [ -n "$davis" ]; then
   done
 else
   echo "[tables] davis, unseen-videos, decode-memory, data-pipeline-224, data-pipeline-64: skipped (no --davis DIR)"
+fi
+if [ -n "$cifar" ] && [ -n "$moco_demo" ]; then  # the demo's own code on the same images, the same seeds
+  step demo-curve-cpu -- python benchmarks/official_curve.py --data-dir "$cifar" --epochs "$curve_epochs" \
+    --demo-notebook "$moco_demo" --out "$runs/demo-curve" --result results/demo-curve-cpu.json \
+    $([ -f "$runs/demo-curve/demo/state.pt" ] && echo --resume)
+  step demo-curve-cpu-s1 -- python benchmarks/official_curve.py --data-dir "$cifar" --epochs 1 --seed 1 \
+    --demo-notebook "$moco_demo" --out "$runs/demo-curve-s1" --result results/demo-curve-cpu-s1.json \
+    $([ -f "$runs/demo-curve-s1/demo/state.pt" ] && echo --resume)
+else
+  echo "[tables] demo-curve-cpu, demo-curve-cpu-s1: skipped (needs --cifar DIR and --moco-demo FILE)"
 fi
 if [ -n "$cifar" ] && [ -n "$moco_demo" ] && [ -n "$simclr_repo" ]; then
   step reference-speed -- python benchmarks/reference_speed.py --data-dir "$cifar" --repeats 1 --moco-demo "$moco_demo" \

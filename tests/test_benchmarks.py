@@ -567,7 +567,18 @@ def test_a_stopped_curve_is_not_fresh_so_its_step_goes_on(tmp_path, monkeypatch)
             report.main(["--fresh", "curve"])
         return stop.value.code
 
-    assert curve(2) == 1 and curve(3) == 0
+    def resumable():
+        with pytest.raises(SystemExit) as stop:
+            report.main(["--resumable", "curve"])
+        return stop.value.code
+
+    assert curve(2) == 1 and resumable() == 0  # stopped early: tables.sh resumes it
+    assert curve(3) == 0 and resumable() == 1  # finished
+    curve(2)
+    record = json.loads((tmp_path / "curve.json").read_text())
+    record["code"]["common.py"] = "0" * 64
+    (tmp_path / "curve.json").write_text(json.dumps(record))
+    assert resumable() == 1  # measured other code: started again, not resumed
 
 
 def test_report_check_passes_on_the_committed_docs():
