@@ -103,8 +103,14 @@ if [ -n "$cifar" ] && [ -n "$moco_demo" ]; then  # the demo's own code on the sa
   step demo-curve-cpu-s1 -- python benchmarks/official_curve.py --data-dir "$cifar" --epochs 1 --seed 1 \
     --demo-notebook "$moco_demo" --out "$runs/demo-curve-s1" --result results/demo-curve-cpu-s1.json \
     $([ -f "$runs/demo-curve-s1/demo/state.pt" ] && echo --resume)
+  if [ -f "$runs/official-curve-s1/moco/checkpoint.pt" ]; then  # the two monitors on one encoder: moco.py's, seed 1
+    step demo-measures -- python benchmarks/official_curve.py --data-dir "$cifar" --demo-notebook "$moco_demo" \
+      --checkpoint "$runs/official-curve-s1/moco/checkpoint.pt" --out "$runs/demo-measures" --result results/demo-measures.json
+  else
+    echo "[tables] demo-measures: skipped (no $runs/official-curve-s1/moco/checkpoint.pt: its step needs --cifar)"
+  fi
 else
-  echo "[tables] demo-curve-cpu, demo-curve-cpu-s1: skipped (needs --cifar DIR and --moco-demo FILE)"
+  echo "[tables] demo-curve-cpu, demo-curve-cpu-s1, demo-measures: skipped (needs --cifar DIR and --moco-demo FILE)"
 fi
 if [ -n "$cifar" ] && [ -n "$moco_demo" ] && [ -n "$simclr_repo" ]; then
   step reference-speed -- python benchmarks/reference_speed.py --data-dir "$cifar" --repeats 1 --moco-demo "$moco_demo" \
