@@ -158,8 +158,9 @@ def table(rows: list[dict], random: dict, wall: float, started: float) -> str:
 
 def verdict(rows: list[dict], who: str = "") -> str:
     """On or off the demo's curve at epochs 5 and 10 (VERDICT_EPOCHS): within ON_THE_CURVE
-    points of its log or not. One epoch moves with the seed by more than the band (two seeds
-    of epoch 1 lay 4.42 apart), so earlier epochs get no verdict."""
+    points of its log or not. Before epoch 5 training has added less than the seed can move
+    one epoch (RESULTS.md's first-epoch table with seed 1 measures that), so earlier epochs
+    get no verdict."""
     by_epoch = {r["epoch"]: r for r in rows}
     said = []
     for epoch in VERDICT_EPOCHS:
