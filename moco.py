@@ -57,6 +57,21 @@ class Args(common.Args):
     min_crop: float = 0.5  # smallest crop, fraction of the area; demo: 0.08, paper: 0.2. At 32 px small crops miss the object
     negatives: str = "moco"  # moco (queue + momentum encoder) | end-to-end (the batch) | memory-bank (Wu et al. 2018): paper Fig. 2-3
     bank_momentum: float = 0.5  # memory-bank: stored feature <- m x stored + (1 - m) x new query (Wu et al.'s code: 0.5)
+    normalize: str = "imagenet"  # the input's mean and std: imagenet (torchvision's, as every method here) | cifar10 (the demo's; encoder.pt then expects them)
+
+
+# The input statistics --normalize chooses: ImageNet's, as every method here and the paper
+# (on ImageNet), or CIFAR-10's, as the MoCo CIFAR demo's train_transform. Before the first
+# convolution and its batch norm the two differ by a per-channel scale and shift of the
+# input: the first layer's effective initial scale and step size, and what its zero padding
+# stands for. benchmarks/official_curve.py --extra "--normalize cifar10" runs the demo's curve so.
+STATS = {"imagenet": (common.MEAN, common.STD),
+         "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}
+
+
+def normalizer(args: Args) -> nn.Module:
+    """The encoder's first layer: (x - mean) / std with --normalize's statistics."""
+    return common.Normalize(*STATS[args.normalize])
 
 
 # ---------------------------------------------------------------------------
@@ -86,7 +101,7 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, width: int, dim: int, mlp: bool, normalize: nn.Module = nn.Identity()):
         super().__init__()
-        self.normalize = normalize  # train() passes common.Normalize(): the ImageNet mean and std
+        self.normalize = normalize  # train() passes common.Normalize() with --normalize's mean and std
         self.backbone = backbone
         # v1: a linear head (the fc layer); v2: fc - ReLU - fc (MoCo v2, sec. 2)
         self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim)) if mlp \
@@ -156,6 +171,8 @@ def train(args: Args):
         common.fail(f"--schedule must be cosine or step, not {args.schedule}")
     if args.augmentation not in ("demo", "v1"):
         common.fail(f"--augmentation must be demo or v1, not {args.augmentation}")
+    if args.normalize not in STATS:
+        common.fail(f"--normalize must be {' or '.join(STATS)}, not {args.normalize}")
     if args.negatives != "moco":
         return train_other_dictionary(args)  # the paper's two baselines, after Algorithm 1 below
     common.check_image_size(args, 16, "the backbone's 16x downsampling")
@@ -169,7 +186,7 @@ def train(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(data.pretrain)
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    encoder = Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, common.Normalize())
+    encoder = Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, normalizer(args))
     moco = MoCo(encoder, args.dim, args.queue_size, args.momentum, args.temperature).to(run.device)
     if run.channels_last:
         moco = moco.to(memory_format=torch.channels_last)
@@ -185,7 +202,7 @@ def train(args: Args):
     parts = {"f_q": f_q, "f_k": f_k, "queue": moco.queue, "queue_ptr": moco.queue_ptr, "optimizer": optimizer}
     f_q.train()
     f_k.train()
-    monitor = (data, lambda: encoder_of(moco.f_q.backbone))  # the kNN learning curve, --monitor-every
+    monitor = (data, lambda: encoder_of(moco.f_q.backbone, args))  # the kNN learning curve, --monitor-every
     for step, (images, _) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, schedule(step, total_steps, args))
         x = run.to_device(images)  # a minibatch of N images (whole images for image folders)
@@ -232,13 +249,13 @@ def finish(run, args: Args, data, f_q, f_k, chance: float):
     results = {"pretext_top1": key_accuracy(common.unwrap(f_q), f_k, data.test, args, run.device),
                "steps": run.step, "loss_chance": chance}
     run.print(f"query finds its key among 512 test keys: {results['pretext_top1']:.4f} (chance {1 / 512:.4f})")
-    return run.finish(results, data, encoder_of(backbone),
-                      lambda: encoder_of(common.build_backbone(args.backbone, args.image_size)[0]))
+    return run.finish(results, data, encoder_of(backbone, args),
+                      lambda: encoder_of(common.build_backbone(args.backbone, args.image_size)[0], args))
 
 
-def encoder_of(backbone: nn.Module) -> nn.Module:
+def encoder_of(backbone: nn.Module, args: Args) -> nn.Module:
     """What the evaluation protocol sees: RGB in [0, 1] -> backbone features (the query encoder's)."""
-    return nn.Sequential(common.Normalize(), backbone)
+    return nn.Sequential(normalizer(args), backbone)
 
 
 @torch.no_grad()
@@ -357,7 +374,7 @@ def train_other_dictionary(args: Args):
     data = common.load_image_data(args)
     loader = run.loader(Indexed(data.pretrain))
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    f_q = run.prepare(Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, common.Normalize()))
+    f_q = run.prepare(Encoder(use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, normalizer(args)))
     optimizer = torch.optim.SGD(f_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
                                 fused=run.fused)
     bank = F.normalize(torch.randn(len(data.pretrain), args.dim, device=run.device), dim=1)  # memory-bank only
@@ -368,7 +385,7 @@ def train_other_dictionary(args: Args):
     total_steps = args.epochs * len(loader)
     parts = {"f_q": f_q, "bank": bank, "optimizer": optimizer}  # rank 0's bank on every process (run.steps())
     f_q.train()
-    monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone))
+    monitor = (data, lambda: encoder_of(common.unwrap(f_q).backbone, args))
     for step, (images, idx) in run.steps(loader, parts, monitor=monitor):
         lr = common.set_lr(optimizer, schedule(step, total_steps, args))
         x = run.to_device(images)

@@ -18,7 +18,8 @@ epoch this script evaluates the checkpoint's query encoder f_q twice:
     (its ModelBase ends with the fc layer), over all training and test images;
   - as this project's protocol does: the same kNN on the 512-d backbone features;
 each beside the same encoder with random weights. One difference stays: the demo
-normalises images with CIFAR-10's mean and std, moco.py with ImageNet's.
+normalises images with CIFAR-10's mean and std, moco.py with ImageNet's (--extra
+"--normalize cifar10" switches moco.py to the demo's; the encoders measured then too).
 
 With --demo-notebook (your copy of the demo's notebook) the demo's own code runs instead
 of moco.py, on the same images, and is measured by its own kNN monitor, test(), at random
@@ -106,7 +107,7 @@ def encoder_from(state: dict | None, a) -> moco.Encoder:
     """The query encoder f_q as moco.py builds it, with the checkpoint's weights (None: random)."""
     args = common.parse_args(moco.Args, moco_argv(a, Path("unused")))
     backbone, width = common.build_backbone(args.backbone, args.image_size)
-    f_q = moco.Encoder(moco.use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, common.Normalize())
+    f_q = moco.Encoder(moco.use_split_bn(backbone, args.bn_splits), width, args.dim, args.mlp, moco.normalizer(args))
     if state is not None:
         f_q.load_state_dict(state)
     return f_q

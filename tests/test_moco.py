@@ -202,9 +202,35 @@ def test_the_memory_bank_is_one_bank_under_torchrun(tiny_folder, tmp_path):
     assert differences_between_processes(tmp_path) == []  # the bank, refreshed from every process's queries
 
 
+def test_normalize_sets_the_statistics_of_training_and_evaluation(tiny_folder, tmp_path, monkeypatch):
+    """--normalize cifar10 (the MoCo CIFAR demo's statistics): the encoder that trains, the one
+    the protocol evaluates and official_curve.py's all compute (x - mean) / std with CIFAR-10's
+    mean and std; the default, ImageNet's."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+    import official_curve
+    x = torch.rand(2, 3, 8, 8)
+    for name, mean, std in (("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                            ("cifar10", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))):
+        plain = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        args = common.parse_args(moco.Args, ["--normalize", name])
+        assert torch.allclose(moco.encoder_of(nn.Identity(), args)(x), plain)
+        curve = official_curve.parse(["--data-dir", "unused", "--out", "unused", "--extra", f"--normalize {name}"])
+        assert torch.allclose(official_curve.encoder_from(None, curve).normalize(x), plain)
+    assert common.parse_args(moco.Args, []).normalize == "imagenet"
+    chosen = []
+    real = moco.normalizer
+    monkeypatch.setattr(moco, "normalizer", lambda args: chosen.append(args.normalize) or real(args))
+    moco.main(tiny(tiny_folder, tmp_path, "--max-steps", "2", "--queue-size", "32", "--normalize", "cifar10"))
+    assert len(chosen) >= 3 and set(chosen) == {"cifar10"}  # f_q, and the protocol's trained and random encoders
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--queue-size", "1000", "--batch-size", "64"], "must be a multiple of the global batch 64"),
     (["--batch-size", "60", "--queue-size", "120"], "must be a multiple of --bn-splits 8"),
+    (["--normalize", "cifar"], "--normalize must be imagenet or cifar10, not cifar"),
 ])
 def test_bad_sizes_are_one_line(tmp_path, argv, needle):
     proc = run_script("moco.py", *argv, "--out", str(tmp_path))
