@@ -39,7 +39,7 @@ curve_resume() {  # curve_resume NAME DIR: --resume for a curve of this code sto
   if python benchmarks/report.py --fresh "$1"; then
     return  # finished and up to date: its step is skipped, its run kept
   elif python benchmarks/report.py --resumable "$1" && [ -f "$2/curve.json" ]; then
-    echo --resume  # (its run folder gone, as on another machine: started again, its result rewritten epoch by epoch)
+    echo --resume  # its run folder is needed: gone (another machine), the curve starts again below
   elif [ -e "$2" ]; then
     echo "[tables] $1: $2 holds a run of other code or an unfinished first epoch: starting it again" >&2
     rm -rf "$2"
