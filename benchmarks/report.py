@@ -141,6 +141,140 @@ def answer_curve(records: list[dict]) -> str:
             f"{official_curve.verdict(rows)[0].lower()}{official_curve.verdict(rows)[1:]}")
 
 
+PROBE = {"knn": "kNN", "linear": "linear"}
+
+
+def _gains(rows: list[list[dict]]) -> dict:
+    """method -> {probe: [gain of each seed]}, {probe + "_top1": [accuracy of each seed]}, "wall_s": [...]}
+    over compare results' rows (one list a seed), image methods that finished."""
+    out = {}
+    for seed in rows:
+        for r in seed:
+            if r.get("status") != "ok" or "knn_top1" not in r:
+                continue
+            m = out.setdefault(r["method"], {"knn": [], "linear": [], "knn_top1": [], "linear_top1": [], "wall_s": []})
+            for probe in ("knn", "linear"):
+                m[probe].append(r[f"{probe}_top1"] - r[f"random_{probe}_top1"])
+                m[f"{probe}_top1"].append(r[f"{probe}_top1"])
+            m["wall_s"].append(r.get("wall_s"))
+    return out
+
+
+def _mean(values: list[float], spread: bool = True, sign: str = "+") -> str:
+    import statistics
+    text = f"{statistics.fmean(values):{sign}.3f}"
+    return text + (f" ± {statistics.stdev(values):.3f}" if spread and len(values) > 1 else "")
+
+
+def _names(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def seeds_summary(records: list[dict]) -> str:
+    """The seeds table in words: who gains on both probes, in how long, the largest and
+    smallest mean gains, and how far the seed moves an accuracy (a standard deviation)."""
+    import statistics
+    rows = [r["data"]["rows"] for r in records]
+    g = _gains(rows)
+    if not g:
+        return "No method finished in these results."
+    mean = {m: {p: statistics.fmean(v[p]) for p in ("knn", "linear")} for m, v in g.items()}
+    losing = [m for m in g if min(mean[m].values()) <= 0]
+    walls = [statistics.median(w) for v in g.values() if (w := [x for x in v["wall_s"] if x is not None])]
+    gain = (f"Every method gains over its own random-init network on both probes (the mean of {len(rows)} seeds)"
+            if not losing else f"Every method but {_names(losing)} gains over its own random-init network on both "
+                               f"probes (the mean of {len(rows)} seeds)")
+    gain += f", in {min(walls):.0f} to {max(walls):.0f} s a run (median)." if walls else "."
+    by_knn = sorted(g, key=lambda m: -mean[m]["knn"])
+    largest = [f"{m} ({_mean(g[m]['knn'])} / {_mean(g[m]['linear'])})" for m in by_knn[:3]]
+    least = {p: min(g, key=lambda m: mean[m][p]) for p in ("knn", "linear")}
+    smallest = [f"{m}'s {PROBE[p]} {_mean(g[m][p])}" for p, m in least.items()]
+    spread = max(((statistics.stdev(v[f"{p}_top1"]), m, p) for m, v in g.items() for p in ("knn", "linear")
+                  if len(v[f"{p}_top1"]) > 1), default=None)
+    text = (f"{gain} The largest mean gains, kNN / linear: {_names(largest)}; the smallest: "
+            f"{_names(smallest)}.")
+    if spread:
+        text += (f" The seed moves an accuracy by up to {spread[0]:.3f} (a standard deviation: {spread[1]}'s "
+                 f"{PROBE[spread[2]]}), so a difference between two methods smaller than that means little.")
+    videos = [r for seed in rows for r in seed if r["method"] == "video_colorization" and r.get("J") is not None]
+    if videos:
+        text += (f" Video colorization's pointer tracks the built-in objects at J "
+                 f"{_mean([r['J'] for r in videos], sign='')}, the same pointer with a random network at "
+                 f"{_mean([r['J_random_init'] for r in videos], sign='')}, the first mask copied at "
+                 f"{_mean([r['J_copy_first'] for r in videos], sign='')}.")
+    return text
+
+
+def gains_summary(records: list[dict]) -> str:
+    """One compare result's gains in words, largest kNN gain first (CIFAR-10's table)."""
+    g = _gains([records[0]["data"]["rows"]])
+    if not g:
+        return "No method finished in this result."
+    order = sorted(g, key=lambda m: -g[m]["knn"][0])
+    return ("Gain over random init, kNN / linear, largest kNN gain first: " +
+            ", ".join(f"{m} {_mean(g[m]['knn'])} / {_mean(g[m]['linear'])}" for m in order) + ".")
+
+
+def davis_summary(records: list[dict]) -> str:
+    """Video colorization's J on the DAVIS sample in words, beside its two baselines."""
+    runs = [r for r in records[0]["data"]["rows"] if r["method"] == "video_colorization" and r.get("J") is not None]
+    if not runs:
+        return "Video colorization did not finish, or its videos have no masks past the first frame."
+    r = runs[0]
+    return (f"The paper's pointer tracks the {r['objects']} objects of the {r['videos']} videos at J {r['J']:.3f}, "
+            f"against {r['J_copy_first']:.3f} for the first mask copied unchanged and {r['J_random_init']:.3f} "
+            f"for the same pointer with a random network.")
+
+
+def unseen_summary(records: list[dict]) -> str:
+    """Tracking on seen and unseen videos in words: J against the copied first mask, per setting."""
+    import statistics
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records[0]["data"]:
+        if r["status"] == "ok":
+            groups.setdefault((r["setting"], r["tracked"]), []).append(r)
+
+    def pair(group):
+        J, copy = (statistics.fmean(g[k] for g in group) for k in ("J", "J_copy_first"))
+        return J, copy, f"{J:.3f} against {copy:.3f}"
+    said = []
+    for (setting, tracked), group in groups.items():
+        if setting == "seen":
+            J, copy, text = pair(group)
+            said.append(f"Trained on the videos it tracks, the pointer {'beats' if J > copy else 'falls below'} "
+                        f"copying the first mask ({text})")
+    left = [(tracked, *pair(group)) for (setting, tracked), group in groups.items() if setting == "left out"]
+    if left:
+        beats = [f"{t} ({text})" for t, J, copy, text in left if J > copy]
+        below = [f"{t} ({text})" for t, J, copy, text in left if J <= copy]
+        said.append("on a video left out of its training it " + "; ".join(filter(None, (
+            f"beats copying on {_names(beats)}" if beats else "", f"falls below it on {_names(below)}" if below else ""))))
+    for (setting, tracked), group in groups.items():
+        if setting == "built-in":
+            J, copy, text = pair(group)
+            said.append(f"trained on the built-in videos, it {'beats' if J > copy else 'falls below'} copying "
+                        f"on the sample ({text})")
+    if not said:
+        return "No run finished in this result."
+    text = "; ".join(said)
+    return f"{text[0].upper()}{text[1:]} (J, the mean over seeds)."
+
+
+def quickstart(records: list[dict]) -> str:
+    """README's quick start in words: the seed-0 rotation run of a compare result on the built-in
+    data (`python rotation.py --seed 0`, the quick start's command, with the default seed)."""
+    rows = [r for r in records[0]["data"]["rows"] if r["method"] == "rotation" and r.get("status") == "ok"]
+    if not rows:
+        return "No rotation run in this result."
+    r = rows[0]
+    cores = re.search(r"(\d+) cores", records[0]["provenance"])
+    return (f"Run so ({r['wall_s']:.0f} s{' on ' + cores.group(1) + ' CPU cores' if cores else ''}, as "
+            f"`benchmarks/tables.sh` runs it), it tells the four turns of a test image apart "
+            f"{r['pretext_top1']:.0%} of the time (chance 25%); its features give the image's class (one of ten) "
+            f"with {r['knn_top1']:.3f} kNN accuracy and {r['linear_top1']:.3f} linear, against "
+            f"{r['random_knn_top1']:.3f} and {r['random_linear_top1']:.3f} for the same network with random weights.")
+
+
 def claims_summary() -> str:
     """Every claim of the lecture that claims.py measures, one verdict each, from the
     claim-<name>.json results there are (the rest: not measured yet)."""
@@ -190,7 +324,9 @@ def reproduce(steps: list[str]) -> str:
 
 
 VIEWS = {"seeds": view_seeds, "compare": view_compare}  # <!-- report: seeds name1 name2 ... -->, compare.rotation name
-SENTENCES = {"answer-curve": answer_curve}  # one sentence from a result, for prose: <!-- report: answer-curve name -->
+# prose from results, a sentence or a few: <!-- report: answer-curve name -->, <!-- report: seeds-summary names -->
+SENTENCES = {"answer-curve": answer_curve, "seeds-summary": seeds_summary, "gains-summary": gains_summary,
+             "davis-summary": davis_summary, "unseen-summary": unseen_summary, "quickstart": quickstart}
 SUMMARIES = {"claims-summary": claims_summary}  # a block over whatever results there are: <!-- report: claims-summary -->
 
 

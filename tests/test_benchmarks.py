@@ -1,6 +1,7 @@
 """benchmarks/compare.py: runs the methods' own scripts and tabulates their eval.json."""
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -607,6 +608,54 @@ def test_report_seeds_view_averages_the_compare_results_it_names(tmp_path, monke
     row = report.generated("<!-- report: compare.rotation s1 -->\n<!-- /report -->\n")  # one result's row
     assert "| rotation | " in row and "| 0.400 |" in row and "| 0.300 |" not in row and "--seed 1'" in row
     assert "No run of moco" in report.generated("<!-- report: compare.moco s1 -->\n<!-- /report -->\n")
+
+
+def test_report_summaries_say_what_their_tables_show(tmp_path, monkeypatch):
+    """The prose beside a table is generated from the same results: who gains, largest first,
+    the seed's spread, and tracking against the copied first mask, each from its figures."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+
+    def row(method, knn, linear, wall=30.0):
+        return {"method": method, "status": "ok", "knn_top1": knn, "random_knn_top1": 0.2, "linear_top1": linear,
+                "random_linear_top1": 0.3, "wall_s": wall}
+    for seed, (rot, jig) in enumerate(((0.40, 0.18), (0.50, 0.19))):
+        video = {"method": "video_colorization", "status": "ok", "J": 0.4 + seed / 10, "J_random_init": 0.0,
+                 "J_copy_first": 0.2, "videos": 32, "objects": 86}
+        registry.save_result(tmp_path / f"s{seed}.json", "compare", "c", [], {"options": {}, "rows": [
+            row("rotation", rot, 0.5, 40.0), row("jigsaw", jig, 0.35, 90.0), row("moco", 0.3, 0.4), video]}, 0.0)
+
+    def say(spec):
+        return report.generated(f"<!-- report: {spec} -->\n<!-- /report -->\n").split("\n")[1]
+    seeds = say("seeds-summary s0 s1")
+    assert seeds.startswith("Every method but jigsaw gains over its own random-init network on both probes "
+                            "(the mean of 2 seeds), in 30 to 90 s a run (median).")
+    assert "kNN / linear: rotation (+0.250 ± 0.071 / +0.200 ± 0.000), moco (+0.100 ± 0.000 / +0.100 ± 0.000) " \
+           "and jigsaw (-0.015 ± 0.007 / +0.050 ± 0.000); the smallest: jigsaw's kNN -0.015 ± 0.007 and " in seeds
+    assert "up to 0.071 (a standard deviation: rotation's kNN)" in seeds and "J 0.450 ± 0.071" in seeds
+    registry.save_result(tmp_path / "q.json", "compare", "c", [], {"options": {}, "rows": [
+        {**row("rotation", 0.34, 0.41, 56.4), "pretext_top1": 0.838}]}, 0.0)
+    assert say("quickstart q") == (
+        f"Run so (56 s on {os.cpu_count()} CPU cores, as `benchmarks/tables.sh` runs it), it tells the four turns of a "
+        "test image apart 84% of the time (chance 25%); its features give the image's class (one of ten) with 0.340 "
+        "kNN accuracy and 0.410 linear, against 0.200 and 0.300 for the same network with random weights.")
+    assert say("gains-summary s1").startswith("Gain over random init, kNN / linear, largest kNN gain first: "
+                                              "rotation +0.300 / +0.200, moco +0.100 / +0.100, jigsaw -0.010 / +0.050.")
+    assert say("davis-summary s0") == ("The paper's pointer tracks the 86 objects of the 32 videos at J 0.400, "
+                                       "against 0.200 for the first mask copied unchanged and 0.000 for the same "
+                                       "pointer with a random network.")
+    rows = [{"status": "ok", "setting": setting, "tracked": tracked, "seed": seed, "J": j, "J_random_init": 0.0,
+             "J_copy_first": 0.5} for setting, tracked, js in (("seen", "a, b", (0.6, 0.7)), ("left out", "a", (0.3, 0.4)),
+                                                                ("left out", "b", (0.6, 0.6)), ("built-in", "a, b", (0.4, 0.4)))
+            for seed, j in enumerate(js)]
+    registry.save_result(tmp_path / "unseen.json", "unseen_videos", "u", [], rows, 0.0)
+    assert say("unseen-summary unseen") == (
+        "Trained on the videos it tracks, the pointer beats copying the first mask (0.650 against 0.500); on a video "
+        "left out of its training it beats copying on b (0.600 against 0.500); falls below it on a (0.350 against "
+        "0.500); trained on the built-in videos, it falls below copying on the sample (0.400 against 0.500) "
+        "(J, the mean over seeds).")
 
 
 def test_report_answers_the_curve_question_in_one_sentence(tmp_path, monkeypatch):
