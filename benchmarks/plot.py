@@ -12,8 +12,8 @@ share of its training done, the random-init encoder's kNN at 0, all on one axis 
 mean over the folders). Also the pictures the runs drew, from the first folder:
 neighbours_<method>.png, <method>_grid.png (inpainting, colorization, split-brain) and
 video_colorization_strip.png. Prints the accuracies as a markdown table, mean ± standard
-deviation over the folders, with each method's median wall time, and writes it to
-<out>/compare_table.md. Needs matplotlib (pip install matplotlib), which nothing else in
+deviation over the folders, with each method's median wall time (the docs' copy of that
+table is report.py's, from the results/ the compare runs kept). Needs matplotlib (pip install matplotlib), which nothing else in
 the project does.
 """
 from __future__ import annotations
@@ -205,9 +205,8 @@ def main(argv=None):
     plot_gain(found, a.out / "gain.png", plt)
     plot_curves(found, a.out / "curves.png", plt)
     copied = copy_pictures(a.folders[0], a.out)
-    text = table(found) + video_table(a.folders) + "".join(f"\n{folder}: {made}\n" for folder, made in made_by(a.folders))
-    (a.out / "compare_table.md").write_text(text)
-    print(text)
+    # printed only: the docs' table over the seeds is report.py's (seeds view), from results/
+    print(table(found) + video_table(a.folders) + "".join(f"\n{folder}: {made}\n" for folder, made in made_by(a.folders)))
     print(f"copied from {a.folders[0]}: {', '.join(copied) or 'no pictures'}")
     print(f"wrote {a.out / 'gain.png'} and {a.out / 'curves.png'} from {len(a.folders)} compare folder(s): "
           f"{', '.join(f'{m} x{len(r)}' for m, r in found.items())}")
