@@ -268,8 +268,8 @@ def quickstart(records: list[dict]) -> str:
         return "No rotation run in this result."
     r = rows[0]
     cores = re.search(r"(\d+) cores", records[0]["provenance"])
-    return (f"Run so ({r['wall_s']:.0f} s{' on ' + cores.group(1) + ' CPU cores' if cores else ''}, as "
-            f"`benchmarks/tables.sh` runs it), it tells the four turns of a test image apart "
+    return (f"As `benchmarks/tables.sh` runs it, this took {r['wall_s']:.0f} s"
+            f"{' on ' + cores.group(1) + ' CPU cores' if cores else ''}; it tells the four turns of a test image apart "
             f"{r['pretext_top1']:.0%} of the time (chance 25%); its features give the image's class (one of ten) "
             f"with {r['knn_top1']:.3f} kNN accuracy and {r['linear_top1']:.3f} linear, against "
             f"{r['random_knn_top1']:.3f} and {r['random_linear_top1']:.3f} for the same network with random weights.")

@@ -638,7 +638,7 @@ def test_report_summaries_say_what_their_tables_show(tmp_path, monkeypatch):
     registry.save_result(tmp_path / "q.json", "compare", "c", [], {"options": {}, "rows": [
         {**row("rotation", 0.34, 0.41, 56.4), "pretext_top1": 0.838}]}, 0.0)
     assert say("quickstart q") == (
-        f"Run so (56 s on {os.cpu_count()} CPU cores, as `benchmarks/tables.sh` runs it), it tells the four turns of a "
+        f"As `benchmarks/tables.sh` runs it, this took 56 s on {os.cpu_count()} CPU cores; it tells the four turns of a "
         "test image apart 84% of the time (chance 25%); its features give the image's class (one of ten) with 0.340 "
         "kNN accuracy and 0.410 linear, against 0.200 and 0.300 for the same network with random weights.")
     assert say("gains-summary s1").startswith("Gain over random init, kNN / linear, largest kNN gain first: "
