@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -179,7 +180,7 @@ def main(argv=None):
     (out / "table.md").write_text(text)
     print(text, flush=True)
     if a.result:
-        given = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        given = "python benchmarks/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         options = {k: v for k, v in vars(a).items() if k not in ("out", "result", "timeout")}
         save_result(a.result, "compare", given, code_of(a.methods), {"options": options, "rows": rows}, started)
     return rows

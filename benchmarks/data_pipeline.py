@@ -25,6 +25,7 @@ common.read_image takes here is named under it. --result FILE keeps the raw figu
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 import warnings
@@ -140,7 +141,7 @@ def main(argv=None):
             "rows": [list(row) for row in rows]}
     print(table(data) + "\n" + provenance(started), flush=True)
     if a.result:
-        given = "python benchmarks/data_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        given = "python benchmarks/data_pipeline.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         save_result(a.result, "data_pipeline", given, ["common.py", "benchmarks/data_pipeline.py"], data, started)
     return rows
 

@@ -19,6 +19,7 @@ import ctypes
 import gc
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -130,7 +131,7 @@ def main(argv=None):
             "shared": setting(a, a.processes, full, False), "own_copy": setting(a, a.processes, full, True)}
     print(table(data) + "\n" + provenance(started), flush=True)
     if a.result:
-        given = "python benchmarks/decode_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        given = "python benchmarks/decode_memory.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         save_result(a.result, "decode_memory", given, ["common.py", "benchmarks/decode_memory.py"], data, started)
     return data
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import statistics
 import sys
 import tempfile
@@ -325,7 +326,7 @@ def main(argv=None):
     if a.out:
         Path(a.out).write_text(text)
     if a.result:
-        given = "python benchmarks/efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        given = "python benchmarks/efficiency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         code = [f"{m}.py" for m in a.methods] + ["common.py", "builtin_data.py", "benchmarks/efficiency.py"]
         save_result(a.result, "efficiency", given, code, data, started)
     return text

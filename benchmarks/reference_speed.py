@@ -43,6 +43,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -359,7 +360,7 @@ def main(argv=None):
     Path(a.out).write_text(text)
     print(text)
     if a.result:
-        given = "python benchmarks/reference_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        given = "python benchmarks/reference_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         code = sorted({PAIRS[n]["ours"] + ".py" for n in pairs}) + ["common.py", "benchmarks/reference_speed.py"]
         save_result(a.result, "reference_speed", given, code, data, started)
     return text

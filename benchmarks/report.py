@@ -296,6 +296,14 @@ NEEDS = {"cifar": "CIFAR-10 as JPEGs (`--cifar`)", "davis": "the DAVIS sample (`
          "reference": "CIFAR-10 as JPEGs and the reference code (`--cifar`, `--moco-demo`, `--simclr-repo`)"}
 
 
+def _minutes(record: dict) -> int:
+    """A result's wall time in minutes: its provenance line's (the last sitting), or for a compare
+    result finished over several sittings the sum of its runs' own times, when that is longer."""
+    said = re.search(r"(\d+) min wall time", record["provenance"])
+    runs = sum(r.get("wall_s") or 0 for r in record["data"]["rows"]) if record["kind"] == "compare" else 0
+    return max(int(said.group(1)) if said else 0, round(runs / 60))
+
+
 def reproduce(steps: list[str]) -> str:
     """What tables.sh runs, step by step: each result's command, what it needs beyond the
     repository (a step given as NAME:cifar, NAME:davis or NAME:reference), the wall time its provenance line
@@ -306,7 +314,7 @@ def reproduce(steps: list[str]) -> str:
         name, _, needs = step.partition(":")
         group = [f"claim-{c}" for c in claims.SWEEPS] if name == "claims" else [name]
         records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in group if (RESULTS / f"{n}.json").is_file()]
-        minutes = [int(m.group(1)) for r in records for m in [re.search(r"(\d+) min wall time", r["provenance"])] if m]
+        minutes = [_minutes(r) for r in records]
         command = ("`python benchmarks/claims.py --claims ...` (each claim)" if name == "claims" else
                    f"`{records[0]['command']}`" if records else "its step in `benchmarks/tables.sh`")
         if len(records) < len(group):

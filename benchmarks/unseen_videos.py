@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -112,7 +113,7 @@ def table(rows: list[dict], started: float | None) -> str:
 
 def main(argv=None):
     a = parse(argv)
-    given = "python benchmarks/unseen_videos.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = "python benchmarks/unseen_videos.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     root, out = Path(a.davis_dir), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []

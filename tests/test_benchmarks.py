@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -51,6 +52,8 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     record = json.loads((tmp_path / "r" / "cmp.json").read_text())
     assert record["kind"] == "compare" and record["data"]["rows"] == results
     assert "rotation.py" in record["code"] and "common.py" in record["code"]
+    # the command as a shell reads it: --extra's value quoted, so that it can be copied and run
+    assert shlex.split(record["command"])[2:] == proc.args[2:]
     assert report.RENDER["compare"](record["data"]) + "\n" + record["provenance"] + "\n" == text
     assert [share for share, _ in results[0]["knn_curve"]][:1] == [0.0]  # the learning curve, from before training
     # Again with the same folder: finished runs are read back, not run again; other options are refused.
@@ -698,6 +701,10 @@ def test_report_reproduce_lists_each_step_of_tables_sh_with_its_time_and_state(t
     record["code"]["common.py"] = "0" * 64
     (tmp_path / "davis.json").write_text(json.dumps(record))
     assert "| 10 min | stale |" in report.reproduce(["davis:davis"])
+    # a compare finished in a later sitting (its runs read back): the runs' own times, not the last sitting's
+    registry.save_result(tmp_path / "davis.json", "compare", "c", ["common.py"],
+                         {"options": {}, "rows": [{"wall_s": 900.0}, {"wall_s": 300.0}]}, time.time())
+    assert "| 20 min | up to date |" in report.reproduce(["davis:davis"])
 
 
 def test_report_claims_summary_gives_each_claim_its_verdict(tmp_path, monkeypatch):
