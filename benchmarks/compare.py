@@ -76,8 +76,9 @@ def command(method: str, a) -> list[str] | str:
     return argv + a.extra.split()
 
 
-def run_method(method: str, a, out: Path) -> dict:
-    """Run one method's script; its eval.json plus wall time, peak memory and status."""
+def run_method(method: str, a, out: Path, earlier: dict) -> dict:
+    """Run one method's script; its eval.json plus wall time, peak memory and status. `earlier`:
+    the rows of an earlier, stopped compare into the same folder, by method."""
     argv = command(method, a)
     if isinstance(argv, str):
         return {"method": method, "status": argv}
@@ -87,8 +88,6 @@ def run_method(method: str, a, out: Path) -> dict:
         common.fail(f"{run} holds a run of another compare ({said.read_text()}); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     said.write_text(said_command)
-    earlier = {r["method"]: r for r in json.loads((out / "results.json").read_text())} \
-        if (out / "results.json").is_file() else {}
     if (run / "eval.json").is_file() and earlier.get(method, {}).get("status") == "ok":
         print(f"[compare] {method}: already run, reading its row of {out / 'results.json'}", flush=True)
         return earlier[method]  # finished in an earlier, stopped compare: its figures, time and memory
@@ -171,9 +170,12 @@ def main(argv=None):
     out = Path(a.out or f"runs/compare-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    # read before the first row is written over them: a stopped compare's finished runs are kept
+    earlier = {r["method"]: r for r in json.loads((out / "results.json").read_text())} \
+        if (out / "results.json").is_file() else {}
     rows = []
     for method in a.methods:
-        rows.append(run_method(method, a, out))
+        rows.append(run_method(method, a, out, earlier))
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")  # kept if stopped midway
         print(f"[compare] {method}: {rows[-1]['status']}", flush=True)
     text = table(rows, a, started)

@@ -17,7 +17,7 @@ from conftest import ROOT, script_env
 def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_path):
     out = tmp_path / "cmp"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/compare.py", "--methods", "rotation", "jigsaw", "video_colorization",
+        [sys.executable, "benchmarks/compare.py", "--methods", "jigsaw", "rotation", "video_colorization",
          "--dataset", "folder", "--data-dir", str(tiny_folder), "--image-size", "32", "--max-steps", "2",
          "--extra", "--batch-size 16 --workers 0", "--out", str(out), "--result", str(tmp_path / "r" / "cmp.json")],
         cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
@@ -44,7 +44,7 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     # jigsaw's 14 px tiles do not fit 32 px images: failed, with the method's own one-line reason.
     assert "failed (exit 2): error: --image-size 32 is too small" in rows["jigsaw"]
     results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results] == ["rotation", "jigsaw", "video_colorization"]
+    assert [r["method"] for r in results] == ["jigsaw", "rotation", "video_colorization"]
     assert results[2]["status"].startswith("skipped")  # videos need --davis-dir off the built-in data
     # The raw result renders, through report.py, as the very table the command printed.
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -55,11 +55,12 @@ def test_compare_writes_the_table_and_reports_a_failed_method(tiny_folder, tmp_p
     # the command as a shell reads it: --extra's value quoted, so that it can be copied and run
     assert shlex.split(record["command"])[2:] == proc.args[2:]
     assert report.RENDER["compare"](record["data"]) + "\n" + record["provenance"] + "\n" == text
-    assert [share for share, _ in results[0]["knn_curve"]][:1] == [0.0]  # the learning curve, from before training
-    # Again with the same folder: finished runs are read back, not run again; other options are refused.
+    assert [share for share, _ in results[1]["knn_curve"]][:1] == [0.0]  # the learning curve, from before training
+    # Again with the same folder: finished runs are read back, not run again, even after a method
+    # run again first (jigsaw failed); other options are refused.
     again = subprocess.run(proc.args, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "rotation: already run" in again.stdout
-    assert json.loads((out / "results.json").read_text())[0]["knn_top1"] == results[0]["knn_top1"]
+    assert json.loads((out / "results.json").read_text())[1] == results[1]
     other = subprocess.run([*proc.args[:-4], "--epochs", "1", *proc.args[-4:]], cwd=ROOT, env=script_env(),
                            capture_output=True, text=True, timeout=600)
     assert other.returncode == 2 and "holds a run of another compare" in other.stderr
