@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -305,7 +304,7 @@ def measures_table(data: dict) -> str:
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out)
-    given = "python benchmarks/official_curve.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    given = "python benchmarks/official_curve.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.checkpoint and not a.demo_notebook:
         common.fail("--checkpoint is measured by the demo's test(): give --demo-notebook as well")
     if a.demo_notebook:
