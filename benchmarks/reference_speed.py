@@ -6,7 +6,7 @@
         --moco-demo moco/colab/moco_cifar10_demo.ipynb --simclr-repo SimCLR-CIFAR10
 
 (Give one of --moco-demo / --simclr-repo to run only that pair.) --data-dir is an
-ImageFolder-style folder with train/<class>/*.jpg (CIFAR-10 as JPEGs: ../shared/data).
+ImageFolder-style folder with train/<class>/*.jpg (CIFAR-10 as JPEGs: benchmarks/cifar_jpegs.py).
 
 Each pair trains the same network for --steps steps on the same images: a ResNet-18
 with the CIFAR stem, batch 128, crops down to 8% of the image.

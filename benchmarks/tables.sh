@@ -7,7 +7,7 @@
 # two trainings on two cores slow each other 5-10x.
 #
 #   bash benchmarks/tables.sh                                   # what needs no input
-#   bash benchmarks/tables.sh --cifar data/cifar10-jpg --davis ../shared/data/davis2016-sample
+#   bash benchmarks/tables.sh --cifar data/cifar10-jpg --davis data/davis2016-sample
 #
 # Inputs, each given as an option (a step whose input is not given says so and is skipped):
 #   --cifar DIR   CIFAR-10 as 32 px JPEGs in the ImageFolder layout: python benchmarks/cifar_jpegs.py
