@@ -373,7 +373,9 @@ def render(spec: str) -> str:
     lines = _stale_note(records, kept) + [f"    {r['command']}" for r in records] + [""]
     table = (VIEWS[view](records, *([option] if option else [])) if view
              else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
-    return "\n".join(lines) + "\n" + table + "\n\n" + "\n".join(r["provenance"] for r in records) + "\n"
+    made = records[0]["provenance"] if len(records) == 1 else \
+        "\n".join(f"- `{n}`: {r['provenance']}" for n, r in zip(names, records))  # a list: one line each
+    return "\n".join(lines) + "\n" + table + "\n\n" + made + "\n"
 
 
 def generated(text: str) -> str:

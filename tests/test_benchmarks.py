@@ -606,6 +606,7 @@ def test_report_seeds_view_averages_the_compare_results_it_names(tmp_path, monke
     out = report.generated("<!-- report: seeds s0 s1 -->\n<!-- /report -->\n")
     assert "| rotation | 40 s | 0.350 ± 0.071 | 0.100 ± 0.000 | 0.500 ± 0.000 | 0.200 ± 0.000 | +0.250 ± 0.071 / " in out
     assert "--seed 0'" in out and "--seed 1'" in out and out.count("Made by commit") == 2
+    assert "\n- `s0`: Made by commit" in out and "\n- `s1`: Made by commit" in out  # which seed's line is which
     one = report.generated("<!-- report: seeds.rotation s0 s1 -->\n<!-- /report -->\n")
     assert "| rotation | 40 s | 0.350 ± 0.071 |" in one
     assert "| rotation |" not in report.generated("<!-- report: seeds.moco s0 s1 -->\n<!-- /report -->\n")
