@@ -247,7 +247,7 @@ def unseen_summary(records: list[dict]) -> str:
     if left:
         beats = [f"{t} ({text})" for t, J, copy, text in left if J > copy]
         below = [f"{t} ({text})" for t, J, copy, text in left if J <= copy]
-        said.append("on a video left out of its training it " + "; ".join(filter(None, (
+        said.append("on a video left out of its training it " + " and ".join(filter(None, (
             f"beats copying on {_names(beats)}" if beats else "", f"falls below it on {_names(below)}" if below else ""))))
     for (setting, tracked), group in groups.items():
         if setting == "built-in":

@@ -658,7 +658,7 @@ def test_report_summaries_say_what_their_tables_show(tmp_path, monkeypatch):
     registry.save_result(tmp_path / "unseen.json", "unseen_videos", "u", [], rows, 0.0)
     assert say("unseen-summary unseen") == (
         "Trained on the videos it tracks, the pointer beats copying the first mask (0.650 against 0.500); on a video "
-        "left out of its training it beats copying on b (0.600 against 0.500); falls below it on a (0.350 against "
+        "left out of its training it beats copying on b (0.600 against 0.500) and falls below it on a (0.350 against "
         "0.500); trained on the built-in videos, it falls below copying on the sample (0.400 against 0.500) "
         "(J, the mean over seeds).")
 
