@@ -751,3 +751,22 @@ def test_gpu_table_reads_gpu_checks_runs_and_keeps_them(tmp_path):
     assert "| rotation | True | failed: see rotation-compile.log |" in text
     kept = json.loads((tmp_path / "gpu.json").read_text())
     assert kept["kind"] == "gpu_check" and report.RENDER["gpu_check"](kept["data"]) + "\n" + kept["provenance"] + "\n" == text
+
+
+def test_gpu_curve_says_in_one_line_what_it_lacks(tmp_path):
+    """gpu_curve.sh reads CIFAR-10 from $CIFAR (or unpacks $CIFAR_TAR): without either it
+    stops with one line naming what is missing; with a folder it goes on to the GPU check."""
+    def run(**env):
+        return subprocess.run(["bash", "benchmarks/gpu_curve.sh"], cwd=ROOT, env={**script_env(), **env},
+                              capture_output=True, text=True, timeout=120)
+    missing = run(CIFAR=str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert f"no CIFAR-10 JPEG folder at {tmp_path / 'none'}" in missing.stderr
+    no_tar = run(CIFAR=str(tmp_path / "none"), CIFAR_TAR=str(tmp_path / "cifar.tar.gz"))
+    assert no_tar.returncode == 2 and "cifar.tar.gz: no such file" in no_tar.stderr
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: the script would start the curve")
+    (tmp_path / "cifar" / "train").mkdir(parents=True)
+    found = run(CIFAR=str(tmp_path / "cifar"))
+    assert found.returncode == 2 and "no CUDA GPU here" in found.stderr
