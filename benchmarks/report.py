@@ -304,6 +304,16 @@ def _minutes(record: dict) -> int:
     return max(int(said.group(1)) if said else 0, round(runs / 60))
 
 
+def _made(record: dict) -> str:
+    """The provenance line, and for a compare result that tabulated runs kept from an earlier
+    sitting (its line then gives only the last sitting's wall time) what the runs took."""
+    said = re.search(r"(\d+) min wall time", record["provenance"])
+    minutes = _minutes(record)
+    if said and minutes > int(said.group(1)):
+        return f"{record['provenance']} Its runs took {minutes} min in all, some in an earlier sitting."
+    return record["provenance"]
+
+
 def reproduce(steps: list[str]) -> str:
     """What tables.sh runs, step by step: each result's command, what it needs beyond the
     repository (a step given as NAME:cifar, NAME:davis or NAME:reference), the wall time its provenance line
@@ -373,8 +383,8 @@ def render(spec: str) -> str:
     lines = _stale_note(records, kept) + [f"    {r['command']}" for r in records] + [""]
     table = (VIEWS[view](records, *([option] if option else [])) if view
              else RENDER[records[0]["kind"]](records[0]["data"])).rstrip("\n")
-    made = records[0]["provenance"] if len(records) == 1 else \
-        "\n".join(f"- `{n}`: {r['provenance']}" for n, r in zip(names, records))  # a list: one line each
+    made = _made(records[0]) if len(records) == 1 else \
+        "\n".join(f"- `{n}`: {_made(r)}" for n, r in zip(names, records))  # a list: one line each
     return "\n".join(lines) + "\n" + table + "\n\n" + made + "\n"
 
 

@@ -707,6 +707,8 @@ def test_report_reproduce_lists_each_step_of_tables_sh_with_its_time_and_state(t
     registry.save_result(tmp_path / "davis.json", "compare", "c", ["common.py"],
                          {"options": {}, "rows": [{"wall_s": 900.0}, {"wall_s": 300.0}]}, time.time())
     assert "| 20 min | up to date |" in report.reproduce(["davis:davis"])
+    made = report._made(json.loads((tmp_path / "davis.json").read_text()))  # the line under its table
+    assert made.endswith(" 0 min wall time. Its runs took 20 min in all, some in an earlier sitting."), made
 
 
 def test_report_claims_summary_gives_each_claim_its_verdict(tmp_path, monkeypatch):
