@@ -1591,7 +1591,10 @@ class Run:
                 raise WriteFailed(self.out / "log.jsonl", e) from None
 
         self.step = self.epoch = self.steps_per_epoch = self.total_steps = self.last_step = 0  # set by steps()
-        self.stop_signal, self._stop_time, self._in_steps = 0, 0.0, False
+        # _signalled: the signal this process's handler saw; stop_signal: the one all processes
+        # agreed on (_flags), the only one the loop acts on.
+        self._signalled = self.stop_signal = 0
+        self._stop_time, self._in_steps = 0.0, False
         if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
             self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._meter, self._last_print, self._start = {}, time.time(), time.time()
@@ -1749,9 +1752,11 @@ class Run:
                         break
                 if self.stop_signal:
                     break
+            if not self.stop_signal:  # one that came after the last step's agreement (during epoch_end())
+                self._flags()
         finally:
             self._in_steps = False
-        if self.stop_signal:  # also one that came during the last epoch_end()
+        if self.stop_signal:
             self.print(f"stopped at step {step}; continue with: {self._launcher()} {self.method}.py --resume {self.out}")
             raise Stopped(self.stop_signal)
         if self.distributed:  # training is over: leave the group together; rank 0 evaluates alone
@@ -1812,20 +1817,25 @@ class Run:
         processes so that none waits in a collective the others left."""
         due = self.args.save_every > 0 and time.time() - self._last_save >= 60 * self.args.save_every
         if not self.distributed:
+            self.stop_signal = self._signalled
             return self.stop_signal, due
-        t = torch.tensor([self.stop_signal, int(due)], device=self.device if self.device.type != "mps" else "cpu")
+        t = torch.tensor([self._signalled, int(due)], device=self.device if self.device.type != "mps" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if int(t[0]) and not self.stop_signal:  # another process was signalled first
-            self.stop_signal, self._stop_time = int(t[0]), time.time()
+        # Decide on the reduced values alone: a signal handled just after the all_reduce, on one
+        # process, must wait for the next step's agreement; acting on it at once would send that
+        # process into _save()'s collective while the others go on to the next step (a hang).
+        self.stop_signal = int(t[0])
+        if self.stop_signal and not self._signalled:  # another process was signalled first
+            self._signalled, self._stop_time = self.stop_signal, time.time()
         return self.stop_signal, bool(t[1])
 
     def _on_signal(self, signum, frame):
-        if self._in_steps and not self.stop_signal:
-            self.stop_signal, self._stop_time = signum, time.time()
+        if self._in_steps and not self._signalled:
+            self._signalled, self._stop_time = signum, time.time()
             self.print(f"\nsignal {signum}: saving a checkpoint after this step, then stopping "
                        f"(a second signal stops at once) ...")
             return
-        if self._in_steps and signum == self.stop_signal and time.time() - self._stop_time < 1:
+        if self._in_steps and signum == self._signalled and time.time() - self._stop_time < 1:
             # The same request again: a terminal's Ctrl-C (or a scheduler's SIGTERM) reaches torchrun
             # as well as its processes, and torchrun passes it on. Only a later one means "now".
             return
