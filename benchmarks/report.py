@@ -13,7 +13,9 @@ figure, the command, the code it measured (each file's sha256) and its provenanc
 
 and holds the command, the table the benchmark's own table function makes from the raw
 result, and its provenance line. When a file of the code it measured has changed since, the
-block says so first: the table is stale until the command is run again. Nothing here runs
+block says so first: the table is stale until the command is run again, unless
+results/unaffected.json holds that change for that result (benchmarks/same_steps.py shows
+that every method trains as before, bit for bit, and records it). Nothing here runs
 a benchmark, reads the git history or the clock: the same results/ and code give the same
 text on every machine.
 """
@@ -95,10 +97,46 @@ RENDER = {"compare": render_compare, "claim": render_claim, "efficiency": render
           "decode_memory": render_decode_memory, "gpu_check": render_gpu_check}
 
 
+def load(path: Path) -> dict:
+    """A raw result, with its name (results/<name>.json) for unaffected.json."""
+    return {**json.loads(path.read_text()), "name": path.stem}
+
+
+def unaffected() -> list[dict]:
+    """results/unaffected.json: code changes shown to leave named results as they were
+    (benchmarks/same_steps.py --record)."""
+    path = RESULTS / "unaffected.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def stale_files(record: dict) -> list[str]:
-    """The files of the measured code that are not as they were when it was measured."""
+    """The files of the measured code that are not as they were when it was measured, but
+    for changes that unaffected.json vouches for, for this result."""
     now = code_hashes([f for f in record["code"] if (ROOT / f).is_file()])
-    return [f for f, digest in record["code"].items() if now.get(f) != digest]
+    entries = unaffected()
+    stale = []
+    for f, digest in record["code"].items():
+        seen = set()
+        while now.get(f) != digest and digest not in seen:
+            seen.add(digest)
+            digest = next((e["to"] for e in entries if e["file"] == f and e["from"] == digest
+                           and record.get("name") in e["results"]), digest)
+        if now.get(f) != digest:
+            stale.append(f)
+    return stale
+
+
+def unaffected_list() -> str:
+    """`<!-- report: unaffected -->`: each change of the code that results were measured
+    before, with why their figures stand and the check that shows it."""
+    entries = unaffected()
+    if not entries:
+        return "None: every result is measured at the code it names, or marked stale.\n"
+    lines = []
+    for e in entries:
+        lines.append(f"- `{e['file']}` ({e['from'][:8]} to {e['to'][:8]}): {e['why']} Checked: `{e['checked']}`. "
+                     f"Vouches for: {', '.join(e['results'])}.")
+    return "\n".join(lines) + "\n"
 
 
 def unfinished(record: dict) -> bool:
@@ -285,7 +323,7 @@ def claims_summary() -> str:
         if not path.is_file():
             lines.append(claims.summary_row(claim, f"not measured yet: `results/{path.name}` missing"))
             continue
-        record = json.loads(path.read_text())
+        record = load(path)
         note = " (stale)" if stale_files(record) else ""
         lines.append(claims.summary_row(claim, claims.verdict_of(claim, record["data"][claim]), note))
     return "\n".join(lines) + "\n"
@@ -323,7 +361,7 @@ def reproduce(steps: list[str]) -> str:
     for step in steps:
         name, _, needs = step.partition(":")
         group = [f"claim-{c}" for c in claims.SWEEPS] if name == "claims" else [name]
-        records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in group if (RESULTS / f"{n}.json").is_file()]
+        records = [load(RESULTS / f"{n}.json") for n in group if (RESULTS / f"{n}.json").is_file()]
         minutes = [_minutes(r) for r in records]
         command = ("`python benchmarks/claims.py --claims ...` (each claim)" if name == "claims" else
                    f"`{records[0]['command']}`" if records else "its step in `benchmarks/tables.sh`")
@@ -345,7 +383,8 @@ VIEWS = {"seeds": view_seeds, "compare": view_compare}  # <!-- report: seeds nam
 # prose from results, a sentence or a few: <!-- report: answer-curve name -->, <!-- report: seeds-summary names -->
 SENTENCES = {"answer-curve": answer_curve, "seeds-summary": seeds_summary, "gains-summary": gains_summary,
              "davis-summary": davis_summary, "unseen-summary": unseen_summary, "quickstart": quickstart}
-SUMMARIES = {"claims-summary": claims_summary}  # a block over whatever results there are: <!-- report: claims-summary -->
+# a block over whatever results there are: <!-- report: claims-summary -->, <!-- report: unaffected -->
+SUMMARIES = {"claims-summary": claims_summary, "unaffected": unaffected_list}
 
 
 def _stale_note(records: list[dict], kept: bool = False) -> list[str]:
@@ -377,7 +416,7 @@ def render(spec: str) -> str:
     missing = [n for n in names if not (RESULTS / f"{n}.json").is_file()]
     if missing:
         return f"Not measured yet: {', '.join(f'results/{n}.json' for n in missing)} missing.\n"
-    records = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    records = [load(RESULTS / f"{n}.json") for n in names]
     if view in SENTENCES:
         return "\n".join(_stale_note(records)) + SENTENCES[view](records) + "\n"
     lines = _stale_note(records, kept) + [f"    {r['command']}" for r in records] + [""]
@@ -406,11 +445,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.resumable:
         path = RESULTS / f"{a.resumable}.json"
-        record = json.loads(path.read_text()) if path.is_file() else None
+        record = load(path) if path.is_file() else None
         raise SystemExit(0 if record and not stale_files(record) and unfinished(record) else 1)
     if a.fresh:
         paths = [RESULTS / f"{n}.json" for n in a.fresh]
-        fresh = all(p.is_file() and not stale_files(r := json.loads(p.read_text())) and not unfinished(r) for p in paths)
+        fresh = all(p.is_file() and not stale_files(r := load(p)) and not unfinished(r) for p in paths)
         raise SystemExit(0 if fresh else 1)
     differ = []
     for path in targets():

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import common
 from conftest import ROOT, script_env
@@ -554,6 +555,55 @@ def test_report_renders_a_raw_result_into_its_block_and_marks_it_stale(tmp_path,
     assert "Stale" not in kept and f"commit {record['provenance'].split()[3].rstrip(',')}'s code" in kept
     assert "| the other videos | cows | 0.350 ± 0.071 |" in kept
     assert "Not measured yet: results/other.json" in report.generated(doc.replace("demo", "other"))
+
+
+def test_a_change_recorded_as_unaffecting_a_result_leaves_it_current_for_that_result_alone(tmp_path, monkeypatch):
+    """results/unaffected.json (same_steps.py --record) bridges a file's digest from the one a
+    result measured to the current one, for the results it names and only along its chain;
+    RESULTS.md's block lists each entry."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import registry
+    import report
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    now = registry.code_hashes(["common.py"])["common.py"]
+    rows = [{"status": "ok", "setting": "left out", "tracked": "cows", "seed": 0, "J": 0.3, "J_random_init": 0.0,
+             "J_copy_first": 0.5}]
+    for name in ("vouched", "other"):
+        record = registry.save_result(tmp_path / f"{name}.json", "unseen_videos", "python benchmarks/unseen_videos.py",
+                                      ["common.py"], rows, 0.0)
+        record["code"]["common.py"] = "a" * 64
+        (tmp_path / f"{name}.json").write_text(json.dumps(record))
+    doc = "<!-- report: vouched -->\n<!-- /report -->\n<!-- report: other -->\n<!-- /report -->\n"
+    assert report.generated(doc).count("**Stale:**") == 2
+    assert report.unaffected_list().startswith("None")
+
+    def entry(before, after):
+        return {"file": "common.py", "from": before, "to": after, "why": "Only the stop.", "results": ["vouched"],
+                "checked": "python benchmarks/same_steps.py --before abc"}
+
+    (tmp_path / "unaffected.json").write_text(json.dumps([entry("a" * 64, "b" * 64)]))
+    assert report.generated(doc).count("**Stale:**") == 2  # a chain that does not reach today's file
+    (tmp_path / "unaffected.json").write_text(json.dumps([entry("a" * 64, "b" * 64), entry("b" * 64, now)]))
+    out = report.generated(doc)
+    assert out.count("**Stale:**") == 1 and out.index("**Stale:**") > out.index("report: other")
+    assert report.stale_files(report.load(tmp_path / "vouched.json")) == []
+    assert report.stale_files(report.load(tmp_path / "other.json")) == ["common.py"]
+    listed = report.unaffected_list()
+    assert listed.count("\n") == 2 and "- `common.py` (aaaaaaaa to bbbbbbbb): Only the stop. Checked:" in listed
+    (tmp_path / "unaffected.json").write_text(json.dumps([entry("a" * 64, "b" * 64), entry("b" * 64, "a" * 64)]))
+    assert report.stale_files(report.load(tmp_path / "vouched.json")) == ["common.py"]  # a loop ends
+
+
+def test_same_steps_compares_every_tensor_of_two_checkpoints():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import same_steps
+    state = {"model": {"w": torch.ones(2), "b": torch.zeros(1)}, "rng": [{"cpu": torch.arange(3)}], "step": 4}
+    found = dict(same_steps.tensors(state))
+    assert sorted(found) == ["model.b", "model.w", "rng.0.cpu"]
+    assert same_steps.compare(found, dict(found)) == "3 tensors equal"
+    moved = {**found, "model.w": torch.tensor([1.0, 1.0 + 1e-6])}
+    assert same_steps.compare(found, moved).startswith("1 of 3 tensors differ")
+    assert same_steps.compare(found, {"model.w": found["model.w"]}).startswith("different parts")
 
 
 def test_a_stopped_curve_is_not_fresh_so_its_step_goes_on(tmp_path, monkeypatch):
