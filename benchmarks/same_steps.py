@@ -19,10 +19,15 @@ change leaves the figures as they are (--why), the results it vouches for (--res
 this check's own line. report.py then reads a result measured at REV's file as measured at
 the current one, and RESULTS.md lists each such entry. Speed is not checked: vouch only for
 results whose figures are accuracies, or for a change that adds no work to a step.
+
+A file whose code is the same but for comments and docstrings (its syntax trees compared)
+needs no training: when no file changed more than that, none runs. A benchmark's own code
+changed beyond that cannot be vouched for here (training the methods does not run it).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import hashlib
 import json
@@ -93,6 +98,22 @@ def parse(argv=None):
     return a
 
 
+def without_docstrings(source: str) -> str:
+    """The code's syntax tree with every docstring left out (comments are not in it)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def git_show(rev: str, path: str) -> bytes:
+    return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, check=True).stdout
+
+
 def main(argv=None):
     a = parse(argv)
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", a.before + "^{commit}"],
@@ -100,13 +121,22 @@ def main(argv=None):
         raise SystemExit(f"error: --before {a.before}: no such commit")
     files = changed_files(a.before)
     print(f"code that differs from {a.before}: {', '.join(files) or 'none'}", flush=True)
-    lines, equal = [], True
+    docs_only = {f: without_docstrings(git_show(a.before, f).decode()) == without_docstrings((ROOT / f).read_text())
+                 for f in files}
+    for f in files:
+        print(f"{f}: {'the same code but for comments and docstrings' if docs_only[f] else 'its code changed'}")
+    code_changed = [f for f in files if not docs_only[f]]
+    unchecked = [f for f in code_changed if f.startswith("benchmarks/")]
+    if unchecked:  # training the methods says nothing of a benchmark's own code
+        raise SystemExit(f"error: {', '.join(unchecked)}: code changed that training the methods does not check")
+    equal = True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tmp / "before"), a.before],
-                       check=True)
+        if code_changed:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tmp / "before"),
+                            a.before], check=True)
         try:
-            for method in a.methods:
+            for method in a.methods if code_changed else []:
                 try:
                     result = compare(*(train(tree, method, tmp / f"{method}-{tree.name}", a.steps, tmp / "log.txt")
                                        for tree in (tmp / "before", ROOT)))
@@ -114,10 +144,11 @@ def main(argv=None):
                     print((tmp / "log.txt").read_text()[-3000:], file=sys.stderr)
                     result = str(e)
                 equal &= result.endswith("tensors equal")
-                lines.append(f"{method}: {result}")
-                print(lines[-1], flush=True)
+                print(f"{method}: {result}", flush=True)
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")], check=False)
+            if code_changed:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
+                               check=False)
     if not equal:
         raise SystemExit(1)
     if a.record:
@@ -128,20 +159,17 @@ def main(argv=None):
                 raise SystemExit(f"error: --results {name}: results/{name}.json missing")
             measured |= set(json.loads(path.read_text())["code"])
         files = [f for f in files if f in measured]  # a change to code no such result measured needs no entry
-        old = {}
-        for f in files:
-            show = subprocess.run(["git", "-C", str(ROOT), "show", f"{a.before}:{f}"], capture_output=True, check=True)
-            old[f] = hashlib.sha256(show.stdout).hexdigest()
         now = code_hashes(files)
         entries = json.loads(UNAFFECTED.read_text()) if UNAFFECTED.is_file() else []
-        checked = (f"python benchmarks/same_steps.py --before {a.before} --steps {a.steps}: every method's checkpoint "
-                   f"after {a.steps} steps (resumed halfway) equal in all its tensors; {datetime.date.today()}, "
-                   f"torch {torch.__version__}")
+        command = f"python benchmarks/same_steps.py --before {a.before} --steps {a.steps}"
         for f in files:
-            entries.append({"file": f, "from": old[f], "to": now[f], "why": a.why, "results": sorted(a.results),
-                            "checked": checked})
+            how = ("the same code but for comments and docstrings" if docs_only[f] else
+                   f"every method's checkpoint after {a.steps} steps (resumed halfway) equal in all its tensors")
+            entries.append({"file": f, "from": hashlib.sha256(git_show(a.before, f)).hexdigest(), "to": now[f],
+                            "why": a.why, "results": sorted(a.results),
+                            "checked": f"{command}: {how}; {datetime.date.today()}, torch {torch.__version__}"})
         UNAFFECTED.write_text(json.dumps(entries, indent=1) + "\n")
-        print(f"recorded in {UNAFFECTED.relative_to(ROOT)}: {', '.join(files)}")
+        print(f"recorded in {UNAFFECTED.relative_to(ROOT)}: {', '.join(files) or 'nothing (no such result measured it)'}")
 
 
 if __name__ == "__main__":

@@ -604,6 +604,12 @@ def test_same_steps_compares_every_tensor_of_two_checkpoints():
     moved = {**found, "model.w": torch.tensor([1.0, 1.0 + 1e-6])}
     assert same_steps.compare(found, moved).startswith("1 of 3 tensors differ")
     assert same_steps.compare(found, {"model.w": found["model.w"]}).startswith("different parts")
+    # a file that differs only in comments and docstrings is the same code; any other change is not
+    code = '"""Run it:\n\n    python x.py --data-dir ../shared/data\n"""\ndef f(x):\n    """Twice."""\n    return 2 * x  # why\n'
+    same = same_steps.without_docstrings
+    assert same(code) == same(code.replace("../shared/data", "data/x").replace("# why", "# as").replace("Twice", "2x"))
+    assert same(code) != same(code.replace("2 * x", "3 * x"))
+    assert same(code) != same(code.replace('"""Twice."""', "x = 1"))
 
 
 def test_a_stopped_curve_is_not_fresh_so_its_step_goes_on(tmp_path, monkeypatch):
