@@ -71,7 +71,9 @@ def compare(before: dict, after: dict) -> str:
     if before.keys() != after.keys():
         return f"different parts ({len(before)} against {len(after)} tensors)"
     differ = [k for k in before if not torch.equal(before[k], after[k])]
-    return f"{len(before)} tensors equal" if not differ else f"{len(differ)} of {len(before)} tensors differ: {differ[:3]}"
+    if differ:
+        return f"{len(differ)} of {len(before)} tensors differ: {differ[:3]}"
+    return f"{len(before)} tensors equal"
 
 
 def changed_files(rev: str) -> list[str]:
@@ -119,6 +121,8 @@ def main(argv=None):
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", a.before + "^{commit}"],
                       capture_output=True).returncode != 0:
         raise SystemExit(f"error: --before {a.before}: no such commit")
+    a.before = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", a.before + "^{commit}"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # HEAD~1 means nothing later
     files = changed_files(a.before)
     print(f"code that differs from {a.before}: {', '.join(files) or 'none'}", flush=True)
     docs_only = {f: without_docstrings(git_show(a.before, f).decode()) == without_docstrings((ROOT / f).read_text())
@@ -161,7 +165,7 @@ def main(argv=None):
         files = [f for f in files if f in measured]  # a change to code no such result measured needs no entry
         now = code_hashes(files)
         entries = json.loads(UNAFFECTED.read_text()) if UNAFFECTED.is_file() else []
-        command = f"python benchmarks/same_steps.py --before {a.before} --steps {a.steps}"
+        command = f"python benchmarks/same_steps.py --before {a.before}{f' --steps {a.steps}' if code_changed else ''}"
         for f in files:
             how = ("the same code but for comments and docstrings" if docs_only[f] else
                    f"every method's checkpoint after {a.steps} steps (resumed halfway) equal in all its tensors")
@@ -169,7 +173,7 @@ def main(argv=None):
                             "why": a.why, "results": sorted(a.results),
                             "checked": f"{command}: {how}; {datetime.date.today()}, torch {torch.__version__}"})
         UNAFFECTED.write_text(json.dumps(entries, indent=1) + "\n")
-        print(f"recorded in {UNAFFECTED.relative_to(ROOT)}: {', '.join(files) or 'nothing (no such result measured it)'}")
+        print(f"recorded in results/unaffected.json: {', '.join(files) or 'nothing (no result named measured it)'}")
 
 
 if __name__ == "__main__":
