@@ -19,7 +19,7 @@ propagation with a randomly initialised f.
 
     python video_colorization.py                       # built-in videos with masks
     python video_colorization.py --topk 10 --radius 4  # later work's limits on the pointer (tracking only)
-    python video_colorization.py --dataset davis --data-dir ../shared/data/davis2016-sample --image-size 96 --crop 64 --epochs 30
+    python video_colorization.py --dataset davis --data-dir data/davis2016-sample --image-size 96 --crop 64 --epochs 30
     torchrun --nproc_per_node=2 video_colorization.py --dataset davis --data-dir DAVIS --backbone resnet18 --image-size 256
 
 Departures from the paper (docs/video_colorization.md, with their measured effects):

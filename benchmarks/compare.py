@@ -4,7 +4,7 @@ evaluated with the common protocol, in one markdown table.
     python benchmarks/compare.py                          # built-in data, each method's default budget
     python benchmarks/compare.py --methods rotation simclr --epochs 1
     python benchmarks/compare.py --dataset folder --data-dir data/cifar10-jpg --epochs 2 \\
-        --davis-dir ../shared/data/davis2016-sample --out runs/compare-cifar
+        --davis-dir data/davis2016-sample --out runs/compare-cifar
 
 Each method runs as its own script (`python <method>.py ...`) in a subprocess: the
 table measures the committed code, a method that fails is reported as failed while

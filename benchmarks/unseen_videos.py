@@ -1,6 +1,6 @@
 """Tracking on videos the network never trained on, beside copying the first mask.
 
-    python benchmarks/unseen_videos.py --davis-dir ../shared/data/davis2016-sample
+    python benchmarks/unseen_videos.py --davis-dir data/davis2016-sample
 
 video_colorization.py learns from the frames of its training videos, without masks; the
 masks only score the tracking (J, region similarity). Scored on the videos it trained on,
