@@ -128,14 +128,21 @@ def stale_files(record: dict) -> list[str]:
 
 def unaffected_list() -> str:
     """`<!-- report: unaffected -->`: each change of the code that results were measured
-    before, with why their figures stand and the check that shows it."""
-    entries = unaffected()
-    if not entries:
+    before (one line for the files of one check), why their figures stand, the check that
+    shows it and the results it covers (those it names that measured one of its files)."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in unaffected():
+        groups.setdefault((e["why"], e["checked"]), []).append(e)
+    if not groups:
         return "None: every result is measured at the code it names, or marked stale.\n"
     lines = []
-    for e in entries:
-        lines.append(f"- `{e['file']}` ({e['from'][:8]} to {e['to'][:8]}): {e['why']} Checked: `{e['checked']}`. "
-                     f"Vouches for: {', '.join(e['results'])}.")
+    for (why, checked), entries in groups.items():
+        files = ", ".join(f"`{e['file']}` ({e['from'][:8]} to {e['to'][:8]})" for e in entries)
+        covered = sorted({n for e in entries for n in e["results"] if (RESULTS / f"{n}.json").is_file()
+                          and e["file"] in json.loads((RESULTS / f"{n}.json").read_text())["code"]})
+        command, _, how = checked.partition(": ")
+        lines.append(f"- {files}: {why} Checked by `{command}`: {how}. Covers {len(covered)} results: "
+                     f"{', '.join(covered)}.")
     return "\n".join(lines) + "\n"
 
 
