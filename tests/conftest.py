@@ -7,6 +7,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from same_steps import tensors as checkpoint_tensors  # noqa: E402  (name, tensor) of a nested checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -47,16 +49,6 @@ def torchrun(script: str, *argv, timeout: int = 300, processes: int = 2):
 PER_PROCESS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def checkpoint_tensors(state, prefix=""):
-    """(name, tensor) for every tensor in a nested checkpoint state (dicts, lists)."""
-    if isinstance(state, torch.Tensor):
-        yield prefix, state
-    elif isinstance(state, dict):
-        for k, v in state.items():
-            yield from checkpoint_tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(state, (list, tuple)):
-        for i, v in enumerate(state):
-            yield from checkpoint_tensors(v, f"{prefix}.{i}")
 
 
 def differences_between_processes(folder: Path, world: int = 2) -> list[str]:
