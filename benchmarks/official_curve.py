@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -304,7 +305,10 @@ def measures_table(data: dict) -> str:
 def main(argv=None):
     a = parse(argv)
     out = Path(a.out)
-    given = "python benchmarks/official_curve.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # The command that makes the table from nothing: --resume only says where this sitting
+    # starts (with it on a fresh machine the command would stop, finding no curve to continue).
+    given = "python benchmarks/official_curve.py " + shlex.join(
+        [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--resume"])
     if a.checkpoint and not a.demo_notebook:
         common.fail("--checkpoint is measured by the demo's test(): give --demo-notebook as well")
     if a.demo_notebook:

@@ -330,6 +330,10 @@ def test_official_curve_reads_the_demos_log_and_runs_moco_epoch_by_epoch(tiny_fo
     assert two["epochs"][0] == one["epochs"][0] and two["epochs"] == r["epochs"] and two["random_init"] == r["random_init"]
     record = json.loads((tmp_path / "results" / "curve.json").read_text())  # the raw result, for report.py
     assert record["kind"] == "official_curve" and record["data"]["epochs"] == two["epochs"]
+    # the command that makes the table from nothing: split as a shell splits it, the options given but --resume
+    assert shlex.split(record["command"])[2:] == ["--data-dir", str(tiny_folder), "--epochs", "2", "--workers", "0",
+                                                  "--out", str(split), "--result", str(tmp_path / "results" / "curve.json"),
+                                                  "--extra", "--backbone small --batch-size 16 --queue-size 64"]
     assert set(record["code"]) == {"moco.py", "common.py", "benchmarks/official_curve.py", "benchmarks/registry.py"}
     import report
     rendered = report.RENDER["official_curve"](record["data"])
