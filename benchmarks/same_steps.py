@@ -78,9 +78,8 @@ def compare(before: dict, after: dict) -> str:
 
 def changed_files(rev: str) -> list[str]:
     """The code files (top-level *.py, benchmarks/*.py) that differ between REV and the tree."""
-    out = subprocess.run(["git", "-C", str(ROOT), "diff", "--name-only", rev, "--", "*.py", "benchmarks/*.py"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if "/" not in f or f.startswith("benchmarks/")]
+    return subprocess.run(["git", "-C", str(ROOT), "diff", "--name-only", rev, "--", ":(glob)*.py",
+                           ":(glob)benchmarks/*.py"], capture_output=True, text=True, check=True).stdout.split()
 
 
 def parse(argv=None):

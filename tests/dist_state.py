@@ -49,6 +49,7 @@ if os.environ.get("SIGTERM_AFTER_AGREEMENT"):
             common.dist.all_reduce = _all_reduce
 
     common.Run._flags = _flags_signalled_after_the_collective
+
 method = importlib.import_module(Path(sys.argv[1]).stem)
 sys.argv = sys.argv[1:]
 common.cli(method.main)
